@@ -1,0 +1,157 @@
+"""The only module that touches MPI.
+
+Model tensors travel as contiguous numpy buffers through the uppercase mpi4py
+calls (``Bcast``, ``Gatherv``) with a derived "row" datatype, so a cohort of
+rows is counted in rows, not elements (no 2**31 element limit). Only small
+control records (error strings) are pickled.
+
+:class:`SingleProcess` is the same interface for one process without mpi4py,
+so ``python -m fedmpi.run`` works on a machine that has no MPI at all.
+
+Before MPI is initialised, :func:`prepare_environment` reads the launcher's
+variables and, when this node runs more ranks than it has cores, enables
+MPICH's heavy yield (``MPIR_CVAR_ENABLE_HEAVY_YIELD=1``) so that ranks waiting
+in a collective sleep instead of spinning on the cores the others train on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS")
+_LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE")
+
+
+def _env_int(names: Sequence[str]) -> int | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            match = re.match(r"\d+", value)  # SLURM writes e.g. "8(x2)"
+            if match:
+                return int(match.group())
+    return None
+
+
+def launcher_rank() -> int:
+    """This process's rank as the launcher announced it (0 when not launched by MPI)."""
+    return _env_int(_RANK_VARS) or 0
+
+
+def launcher_size() -> int:
+    return _env_int(_SIZE_VARS) or 1
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        return os.cpu_count() or 1
+
+
+def prepare_environment() -> bool:
+    """Enable MPICH heavy yield when ranks on this node outnumber its cores.
+
+    Must run before mpi4py initialises MPI. A value the user set is left alone.
+    Returns whether heavy yield is on.
+    """
+    var = "MPIR_CVAR_ENABLE_HEAVY_YIELD"
+    if var not in os.environ:
+        local = _env_int(_LOCAL_SIZE_VARS) or launcher_size()
+        if local > usable_cores():
+            os.environ[var] = "1"
+    return os.environ.get(var) == "1"
+
+
+class SingleProcess:
+    """One process, no MPI: every collective is a local copy."""
+
+    rank = 0
+    size = 1
+
+    def bcast(self, array: np.ndarray) -> None:
+        pass
+
+    def gather_rows(self, local: np.ndarray, out: np.ndarray | None, counts: Sequence[int]) -> None:
+        if out is not None and out is not local and len(local):
+            out[: len(local)] = local
+
+    def allgather(self, obj: Any) -> list:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    def abort(self, code: int = 1) -> None:
+        sys.stderr.flush()
+        os._exit(code)
+
+    def close(self) -> None:
+        pass
+
+
+class MPIComm:
+    """COMM_WORLD through mpi4py's buffer interface."""
+
+    def __init__(self):
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self._row_types: dict = {}
+
+    def _row_type(self, dtype: np.dtype, width: int):
+        key = (np.dtype(dtype).str, width)
+        if key not in self._row_types:
+            base = self.MPI._typedict[np.dtype(dtype).char]
+            self._row_types[key] = base.Create_contiguous(width).Commit()
+        return self._row_types[key]
+
+    def bcast(self, array: np.ndarray) -> None:
+        """Broadcast a contiguous array from rank 0 into every rank's array, in place."""
+        self.comm.Bcast(array, root=0)
+
+    def gather_rows(self, local: np.ndarray, out: np.ndarray | None, counts: Sequence[int]) -> None:
+        """Gatherv the (k_r, d) row blocks of every rank into ``out`` (K, d) on rank 0,
+        rank by rank; ``counts[r]`` is rank r's number of rows."""
+        width = local.shape[1] if local.ndim == 2 else out.shape[1]
+        row = self._row_type(local.dtype, width)
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        recv = [out, (list(counts), displs.tolist()), row] if self.rank == 0 else None
+        self.comm.Gatherv([local, len(local), row], recv, root=0)
+
+    def allgather(self, obj: Any) -> list:
+        return self.comm.allgather(obj)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+    def close(self) -> None:
+        for t in self._row_types.values():
+            t.Free()
+        self._row_types.clear()
+
+
+def connect() -> SingleProcess | MPIComm:
+    """Initialise MPI if it is available (or required); else a single process."""
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        if launcher_size() > 1:
+            raise RuntimeError("launched as one of several MPI ranks, but mpi4py is not installed: "
+                               "pip install 'fedmpi[mpi]' (or build mpi4py against your MPI)") from None
+        return SingleProcess()
+    return MPIComm()

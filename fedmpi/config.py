@@ -1,0 +1,358 @@
+"""Typed experiment configuration: defaults, YAML/JSON loading, overrides, validation.
+
+A config is plain data: nested dataclasses built once from a mapping, checked once,
+then passed to every part of the run. The dataclass defaults *are* the embedded
+default experiment (digits, MLP 64-200-200-10, 16 IID clients, 20 rounds), so
+``python -m fedmpi.run`` needs no file at all.
+
+Every problem is reported as one :class:`ConfigError` line that names the dotted
+key, the offending value and what is allowed, e.g.::
+
+    clients.per_round = 20: must be at most clients.total (16)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; ``str()`` is the one-line message."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key} = {_show(value)}: {allowed}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, float):
+        return repr(value)
+    text = json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class PartitionConfig:
+    """How the training set is split over clients (not used by ``synthetic``)."""
+
+    name: Literal["iid", "dirichlet", "shards"] = "iid"
+    alpha: float = 0.5  # dirichlet concentration: small = strong label skew
+    shards_per_client: int = 2  # shards: label-sorted shards per client (McMahan et al. 2017)
+    min_samples: int = 1  # dirichlet: redraw until every client holds at least this many
+
+
+@dataclass
+class SyntheticConfig:
+    """FedProx's Synthetic(alpha, beta) (Li et al. 2020)."""
+
+    alpha: float = 1.0  # spread of the per-client model means
+    beta: float = 1.0  # spread of the per-client input means
+    dim: int = 60
+    classes: int = 10
+    samples_mu: float = 4.0  # client sizes: int(lognormal(mu, sigma)) + min_samples
+    samples_sigma: float = 2.0
+    min_samples: int = 50
+    max_samples: int = 5000  # cap on one client's size, keeps the heavy tail bounded
+
+
+@dataclass
+class DataConfig:
+    name: Literal["synthetic", "digits", "mnist", "fashion_mnist", "npz"] = "digits"
+    dir: str | None = None  # mnist / fashion_mnist IDX files; default data/<name>
+    path: str | None = None  # npz file with x_train, y_train, x_test, y_test
+    test_fraction: float = 0.2  # digits and synthetic: share of samples held out for test
+    # standard: scale to [0, 1], then subtract the training set's mean and divide by
+    # its std, per channel; unit: [0, 1] only; none: values as stored.
+    # Default: standard, except none for synthetic (used as generated).
+    normalize: Literal["standard", "unit", "none"] | None = None
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ClientsConfig:
+    total: int = 16
+    per_round: int = 16
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["logreg", "mlp", "cnn"] = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [200, 200])  # mlp only
+
+
+@dataclass
+class TrainConfig:
+    """Local training of each sampled client: plain SGD on its own shard."""
+
+    epochs: int = 1
+    batch_size: int = 10
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class ServerConfig:
+    """How rank 0 turns the aggregated update into the next global model."""
+
+    optimizer: Literal["avg", "fedavgm", "fedadam"] = "avg"
+    lr: float | None = None  # default: 1.0 for avg and fedavgm, 0.01 for fedadam
+    momentum: float = 0.9  # fedavgm
+    beta1: float = 0.9  # fedadam
+    beta2: float = 0.99  # fedadam
+    tau: float = 1e-3  # fedadam adaptivity (Reddi et al. 2021)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1  # evaluate the global model every k rounds (and after the last)
+    batch_size: int = 1000
+
+
+@dataclass
+class OutputConfig:
+    path: str | None = None  # default: results/run-<UTC time>.h5
+    overwrite: bool = False
+    snapshot_every: int = 0  # keep the global model every k rounds in /model/snapshots (0: off)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    rounds: int = 20
+    threads: int = 1  # torch threads per rank; ranks are the parallelism
+    data: DataConfig = field(default_factory=DataConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SERVER_LR_DEFAULTS = {"avg": 1.0, "fedavgm": 1.0, "fedadam": 0.01}
+
+
+# --------------------------------------------------------------------------- building
+
+
+def from_dict(data: Any, cls: type = Config, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping; missing keys take their defaults."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix.rstrip(".") or "config", data, "expected a mapping of keys")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(
+                f"{prefix}{key}", data[key], f"unknown key (allowed under {prefix.rstrip('.') or 'the top level'}: {', '.join(names)})"
+            )
+    kwargs = {key: _convert(hints[key], value, f"{prefix}{key}") for key, value in data.items()}
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(value, tp, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(key, value, "must be one of " + ", ".join(map(str, args)))
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, value, "expected a list")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, value, "expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, value, "expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, value, "expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(key, value, "expected a finite number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, value, "expected a string")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"config type {tp!r} of {key} is not supported")  # programming error
+
+
+def read_file(path: str) -> dict:
+    """Parse a YAML or JSON config file into a mapping."""
+    if not os.path.isfile(path):
+        raise ConfigError("--config", path, "file not found")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError("--config", path, f"not valid {'JSON' if path.endswith('.json') else 'YAML'}: {detail}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("--config", path, "the file must hold a mapping of keys at the top level")
+    return data
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``--set a.b.c=VALUE`` (VALUE parsed as YAML) to ``data`` in place."""
+    if "=" not in assignment:
+        raise ConfigError("--set", assignment, "expected KEY=VALUE, e.g. train.lr=0.1")
+    key, raw = assignment.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError("--set", assignment, "expected KEY=VALUE with a dotted key, e.g. train.lr=0.1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), child, f"is not a section, cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def load(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults <- file <- ``--set`` overrides, then :func:`validate`."""
+    data = read_file(path) if path else {}
+    for assignment in overrides:
+        apply_override(data, assignment)
+    cfg = from_dict(data)
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def _positive(key: str, value: float) -> None:
+    _require(value > 0, key, value, "must be > 0")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    _require(value >= low, key, value, f"must be >= {low}")
+
+
+def _unit_interval(key: str, value: float) -> None:
+    _require(0 <= value < 1, key, value, "must be in [0, 1)")
+
+
+def validate(cfg: Config) -> None:
+    """Check values that types alone cannot; resolve defaults that depend on others."""
+    _at_least("seed", cfg.seed, 0)
+    _at_least("rounds", cfg.rounds, 1)
+    _at_least("threads", cfg.threads, 1)
+
+    c = cfg.clients
+    _at_least("clients.total", c.total, 1)
+    _at_least("clients.per_round", c.per_round, 1)
+    _require(c.per_round <= c.total, "clients.per_round", c.per_round, f"must be at most clients.total ({c.total})")
+
+    d = cfg.data
+    _require(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "must be in (0, 1)")
+    p = d.partition
+    _positive("data.partition.alpha", p.alpha)
+    _at_least("data.partition.shards_per_client", p.shards_per_client, 1)
+    _at_least("data.partition.min_samples", p.min_samples, 0)
+    s = d.synthetic
+    _at_least("data.synthetic.alpha", s.alpha, 0)
+    _at_least("data.synthetic.beta", s.beta, 0)
+    _at_least("data.synthetic.dim", s.dim, 1)
+    _at_least("data.synthetic.classes", s.classes, 2)
+    _at_least("data.synthetic.min_samples", s.min_samples, 2)
+    _require(s.max_samples >= s.min_samples, "data.synthetic.max_samples", s.max_samples,
+             f"must be >= data.synthetic.min_samples ({s.min_samples})")
+    _at_least("data.synthetic.samples_sigma", s.samples_sigma, 0)
+    if d.normalize is None:
+        d.normalize = "none" if d.name == "synthetic" else "standard"
+    if d.name == "synthetic":
+        _require(d.normalize == "none", "data.normalize", d.normalize, "synthetic data is used as generated; allowed: none")
+    if d.name == "npz":
+        _require(bool(d.path), "data.path", d.path, "data.name = npz needs data.path, an .npz file with x_train, y_train, x_test, y_test")
+        _require(os.path.isfile(d.path), "data.path", d.path, "file not found")
+    elif d.path is not None:
+        raise ConfigError("data.path", d.path, f"only used with data.name = npz (data.name is {d.name})")
+    if d.name in ("mnist", "fashion_mnist"):
+        if d.dir is None:
+            d.dir = os.path.join("data", d.name)
+    elif d.dir is not None:
+        raise ConfigError("data.dir", d.dir, f"only used with data.name = mnist or fashion_mnist (data.name is {d.name})")
+
+    m = cfg.model
+    if m.name == "mlp":
+        for i, width in enumerate(m.hidden):
+            _at_least(f"model.hidden[{i}]", width, 1)
+
+    t = cfg.train
+    _at_least("train.epochs", t.epochs, 1)
+    _at_least("train.batch_size", t.batch_size, 1)
+    _positive("train.lr", t.lr)
+    _unit_interval("train.momentum", t.momentum)
+    _at_least("train.weight_decay", t.weight_decay, 0)
+
+    sv = cfg.server
+    if sv.lr is None:
+        sv.lr = SERVER_LR_DEFAULTS[sv.optimizer]
+    _positive("server.lr", sv.lr)
+    _unit_interval("server.momentum", sv.momentum)
+    _unit_interval("server.beta1", sv.beta1)
+    _unit_interval("server.beta2", sv.beta2)
+    _positive("server.tau", sv.tau)
+
+    _at_least("eval.every", cfg.eval.every, 1)
+    _at_least("eval.batch_size", cfg.eval.batch_size, 1)
+
+    o = cfg.output
+    _at_least("output.snapshot_every", o.snapshot_every, 0)
+    if o.path is not None:
+        _require(o.path.strip() != "", "output.path", o.path, "must not be empty")

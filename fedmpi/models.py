@@ -1,0 +1,114 @@
+"""Models and the flat-vector view of their parameters.
+
+Models: multinomial logistic regression, an MLP with configurable hidden sizes,
+and the MNIST CNN of McMahan et al. 2017 (two 5x5 conv layers with 32 and 64
+channels, each followed by 2x2 max pooling, a 512-unit ReLU layer, softmax;
+1,663,370 parameters on 28x28 inputs).
+
+Between ranks a model is one contiguous float32 vector. :class:`FlatModel` makes
+the module's parameters and gradients *views* into two flat buffers, so loading
+the global weights is one copy and the local update is one subtraction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> nn.Module:
+    """The configured model for inputs of ``input_shape`` (without the batch dim)."""
+    features = int(math.prod(input_shape))
+    if cfg.name == "logreg":
+        return nn.Sequential(nn.Flatten(), nn.Linear(features, num_classes))
+    if cfg.name == "mlp":
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = features
+        for hidden in cfg.hidden:
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        layers.append(nn.Linear(width, num_classes))
+        return nn.Sequential(*layers)
+    if len(input_shape) != 3:
+        raise ValueError(f"model.name = 'cnn' needs image inputs (C, H, W); the data gives samples of shape {input_shape}")
+    channels, height, width = input_shape
+    return nn.Sequential(
+        nn.Conv2d(channels, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * (height // 4) * (width // 4), 512), nn.ReLU(),
+        nn.Linear(512, num_classes),
+    )
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    shape: tuple
+    offset: int
+    numel: int
+
+
+def layout(model: nn.Module) -> list[ParamSpec]:
+    """Where each parameter lives in the flat vector, in ``named_parameters()`` order."""
+    specs, offset = [], 0
+    for name, p in model.named_parameters():
+        specs.append(ParamSpec(name, tuple(p.shape), offset, p.numel()))
+        offset += p.numel()
+    return specs
+
+
+def flatten_params(model: nn.Module) -> np.ndarray:
+    """A float32 copy of all parameters as one vector."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).to(torch.float32).numpy().copy()
+
+
+def load_flat(model: nn.Module, vector: np.ndarray) -> None:
+    """Copy a flat vector into the model's parameters (no memory is shared with ``vector``)."""
+    source = torch.as_tensor(np.asarray(vector, dtype=np.float32))
+    offset = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(source[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+def init_weights(model: nn.Module, seed: int) -> np.ndarray:
+    """Re-initialise ``model`` from a keyed seed (not the ambient torch RNG); return the flat weights."""
+    from . import seeding
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seeding.torch_seed(seed, "init"))
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return flatten_params(model)
+
+
+class FlatModel:
+    """A module whose parameters and gradients are views into ``flat`` and ``grad``."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.specs = layout(module)
+        self.size = sum(s.numel for s in self.specs)
+        self.flat = torch.zeros(self.size, dtype=torch.float32)
+        self.grad = torch.zeros(self.size, dtype=torch.float32)
+        for spec, p in zip(self.specs, module.parameters()):
+            view = self.flat[spec.offset:spec.offset + spec.numel].view(spec.shape)
+            view.copy_(p.detach())
+            p.data = view
+            p.grad = self.grad[spec.offset:spec.offset + spec.numel].view(spec.shape)
+
+    def set_weights(self, vector: np.ndarray) -> None:
+        self.flat.copy_(torch.from_numpy(vector))
+
+    def weights(self) -> np.ndarray:
+        """The live flat weights as a numpy view (no copy)."""
+        return self.flat.numpy()

@@ -1,0 +1,131 @@
+"""The HDF5 results file: its schema, the writer (rank 0 only) and readers.
+
+One file per run, documented field by field in docs/results.md. Every object
+is created when the run starts; then the file switches to HDF5's single-writer
+/ multiple-reader (SWMR) mode, appends one row per round and flushes. A reader
+can follow the run while it is written, and a killed job leaves a consistent
+file holding every round that finished (open it with ``swmr=True``, as
+:func:`open_results` does, because a killed writer leaves the file marked as
+open for writing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from . import __version__
+
+# name: (dtype, description). Floats that do not apply to a run are NaN.
+ROUND_FIELDS = {
+    "round": ("i8", "round index, 0-based"),
+    "cohort_size": ("i8", "clients sampled this round"),
+    "test_accuracy": ("f8", "accuracy of the new global model on the test set (NaN when not evaluated this round)"),
+    "test_loss": ("f8", "mean cross-entropy of the new global model on the test set (NaN when not evaluated)"),
+    "train_loss": ("f8", "mean local training loss of the cohort, weighted by client samples"),
+    "update_norm": ("f8", "L2 norm of the aggregated update applied by the server optimizer"),
+    "wall_s": ("f8", "wall-clock seconds of the whole round on rank 0"),
+    "train_s": ("f8", "seconds the slowest rank spent training its clients"),
+    "comm_s": ("f8", "seconds of broadcast and gather not spent training (wait + transfer)"),
+    "aggregate_s": ("f8", "seconds rank 0 spent aggregating and stepping the server optimizer"),
+    "eval_s": ("f8", "seconds rank 0 spent evaluating"),
+}
+
+CLIENT_FIELDS = {
+    "round": ("i8", "round of this record"),
+    "slot": ("i8", "position in the round's cohort (row of the aggregated array)"),
+    "client_id": ("i8", "virtual client id, 0..clients.total-1"),
+    "num_samples": ("i8", "training samples the client holds (its FedAvg weight)"),
+    "update_norm": ("f8", "L2 norm of the update the server received from this slot (float64)"),
+    "train_loss": ("f8", "mean minibatch loss over the client's local training"),
+    "steps": ("i8", "local SGD steps taken"),
+    "train_s": ("f8", "seconds the client's local training took"),
+}
+
+
+def default_path() -> str:
+    return os.path.join("results", time.strftime("run-%Y%m%d-%H%M%S.h5", time.gmtime()))
+
+
+class ResultsWriter:
+    """Creates the results file, appends rounds, writes the final model. Rank 0 only."""
+
+    def __init__(self, path: str, *, config_yaml: str, world_size: int, seed: int, layout: list,
+                 overwrite: bool = False, snapshot_every: int = 0, attrs: dict | None = None):
+        import h5py
+
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        self.path = path
+        self.f = f = h5py.File(path, "w" if overwrite else "w-", libver="latest")
+        f.attrs["fedmpi_version"] = __version__
+        f.attrs["config"] = config_yaml
+        f.attrs["world_size"] = world_size
+        f.attrs["seed"] = seed
+        f.attrs["start_time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
+        for group, fields, chunk in (("rounds", ROUND_FIELDS, 256), ("clients", CLIENT_FIELDS, 4096)):
+            for name, (dtype, doc) in fields.items():
+                ds = f.create_dataset(f"{group}/{name}", shape=(0,), maxshape=(None,), dtype=dtype, chunks=(chunk,))
+                ds.attrs["description"] = doc
+        size = sum(spec["numel"] for spec in layout)
+        model = f.create_group("model")
+        model.attrs["layout"] = json.dumps(layout)
+        model.attrs["num_params"] = size
+        model.create_dataset("final", shape=(size,), dtype="f4", fillvalue=np.nan)
+        model.create_dataset("final_round", data=np.int64(-1))
+        self.snapshot_every = snapshot_every
+        if snapshot_every:
+            chunk_rows = max(1, min(64, (1 << 22) // max(1, 4 * size)))
+            model.create_dataset("snapshots", shape=(0, size), maxshape=(None, size), dtype="f4",
+                                 chunks=(chunk_rows, size))
+            model.create_dataset("snapshot_round", shape=(0,), maxshape=(None,), dtype="i8", chunks=(256,))
+        f.create_dataset("run/finished", data=np.int8(0))
+        f.create_dataset("run/wall_s", data=np.float64(np.nan))
+        f.swmr_mode = True
+        self._start = time.perf_counter()
+
+    @staticmethod
+    def _append(ds, values) -> None:
+        values = np.asarray(values)
+        n = ds.shape[0]
+        ds.resize((n + values.shape[0],) + ds.shape[1:])
+        ds[n:] = values
+
+    def append_round(self, round_values: dict, client_values: dict) -> None:
+        """One row of /rounds and one row per cohort slot of /clients; then flush."""
+        for name in ROUND_FIELDS:
+            self._append(self.f["rounds"][name], [round_values.get(name, np.nan)])
+        k = len(client_values["client_id"])
+        for name, (dtype, _) in CLIENT_FIELDS.items():
+            default = np.full(k, np.nan if dtype == "f8" else -1)
+            self._append(self.f["clients"][name], client_values.get(name, default))
+        self.f.flush()
+
+    def snapshot(self, round_index: int, weights: np.ndarray) -> None:
+        self._append(self.f["model/snapshots"], weights[None, :])
+        self._append(self.f["model/snapshot_round"], [round_index])
+        self.f.flush()
+
+    def finish(self, round_index: int, weights: np.ndarray) -> None:
+        self.f["model/final"][:] = weights
+        self.f["model/final_round"][()] = round_index
+        self.f["run/wall_s"][()] = time.perf_counter() - self._start
+        self.f["run/finished"][()] = 1
+        self.f.flush()
+
+    def close(self) -> None:
+        if self.f:
+            self.f.close()
+            self.f = None
+
+
+def open_results(path: str):
+    """Open a results file for reading: finished, still being written, or left by a killed job."""
+    import h5py
+
+    return h5py.File(path, "r", libver="latest", swmr=True)

@@ -1,0 +1,83 @@
+"""Ranks >= 1: host virtual clients, train the ones the server hands out, send rows back.
+
+One round as a worker sees it::
+
+    Bcast header (command, round, cohort size)   -- stop when command is STOP
+    Bcast cohort client ids
+    Bcast global weights (flat float32)
+    train my contiguous block of cohort slots, in slot order, into one (k, d) buffer
+    Gatherv rows, Gatherv per-client records (float64 rows of META_FIELDS)
+
+Which slots a rank trains depends on the world size, but what a client computes
+does not (its randomness is keyed by seed, round and client id), so the gathered
+(K, d) array is the same for any number of ranks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .config import Config
+from .data import FederatedData
+from .models import FlatModel
+from .training import LocalTrainer
+
+CMD_STOP, CMD_ROUND = 0, 1
+META_FIELDS = ("num_samples", "train_loss", "steps", "train_s")
+META = {name: i for i, name in enumerate(META_FIELDS)}
+
+
+def slot_counts(cohort_size: int, world_size: int) -> list[int]:
+    """Rows per rank: with one process rank 0 trains everything; otherwise rank 0
+    trains nothing and the workers split the cohort into near-equal contiguous blocks."""
+    if world_size == 1:
+        return [cohort_size]
+    base, extra = divmod(cohort_size, world_size - 1)
+    return [0] + [base + (1 if w < extra else 0) for w in range(world_size - 1)]
+
+
+class ClientHost:
+    """Trains the clients of one rank, one after another, on one flat model."""
+
+    def __init__(self, cfg: Config, data: FederatedData, model: FlatModel):
+        self.cfg = cfg
+        self.data = data
+        self.trainer = LocalTrainer(model, cfg)
+
+    def train_slots(self, round_index: int, client_ids: np.ndarray, weights: np.ndarray,
+                    rows: np.ndarray, meta: np.ndarray) -> None:
+        """Train ``client_ids`` in order; row i of ``rows``/``meta`` belongs to client_ids[i]."""
+        for i, cid in enumerate(client_ids):
+            start = time.perf_counter()
+            x, y = self.data.client(int(cid))
+            result = self.trainer.train(weights, x, y, round_index, int(cid), rows[i])
+            meta[i, META["num_samples"]] = result.num_samples
+            meta[i, META["train_loss"]] = result.train_loss
+            meta[i, META["steps"]] = result.steps
+            meta[i, META["train_s"]] = time.perf_counter() - start
+
+
+def run_worker(cfg: Config, comm, data: FederatedData, model: FlatModel) -> None:
+    host = ClientHost(cfg, data, model)
+    header = np.zeros(3, dtype=np.int64)
+    weights = np.empty(model.size, dtype=np.float32)
+    rows = np.empty((0, model.size), dtype=np.float32)
+    while True:
+        comm.bcast(header)
+        if header[0] == CMD_STOP:
+            return
+        round_index, cohort_size = int(header[1]), int(header[2])
+        cohort = np.empty(cohort_size, dtype=np.int64)
+        comm.bcast(cohort)
+        comm.bcast(weights)
+        counts = slot_counts(cohort_size, comm.size)
+        start = sum(counts[: comm.rank])
+        mine = cohort[start:start + counts[comm.rank]]
+        if rows.shape[0] != len(mine):
+            rows = np.empty((len(mine), model.size), dtype=np.float32)
+        meta = np.zeros((len(mine), len(META_FIELDS)))
+        host.train_slots(round_index, mine, weights, rows, meta)
+        comm.gather_rows(rows, None, counts)
+        comm.gather_rows(meta, None, counts)
