@@ -25,10 +25,11 @@ setup(
         "h5py>=3.5",
         "pyyaml>=6.0",
         "scikit-learn>=1.0",  # ships the UCI digits used by the default experiment
+        "threadpoolctl>=3.0",  # one BLAS thread per block worker in the aggregation kernels
     ],
     extras_require={
         "mpi": MPI,
-        "test": MPI + ["pytest>=7"],
+        "test": MPI + ["pytest>=7", "scipy"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

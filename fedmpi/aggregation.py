@@ -1,39 +1,84 @@
 """Aggregation rules: pure functions of an (n, d) array of client updates.
 
 Each rule takes ``updates`` (n rows, one per client, in cohort order), never
-modifies it, and returns an :class:`AggregationResult` holding the (d,)
-aggregate and what the rule decided. No MPI, no torch, no hidden state.
+modifies it, and returns an :class:`AggregationResult`: the (d,) float64
+aggregate, the rows it used (``selected``) and, where the rule scores rows,
+``scores``. No MPI, no torch, no hidden state: stateful rules take their state
+as an argument and the caller keeps it.
 
-- :func:`fedavg`: weighted mean, weights = client sample counts (McMahan et al. 2017).
+Rules
+- :func:`fedavg`: weighted mean (McMahan et al. 2017).
+- :func:`krum`, :func:`multi_krum`: Blanchard et al. 2017.
+- :func:`median`, :func:`trimmed_mean`: coordinate-wise (Yin et al. 2018).
+- :func:`geometric_median`: smoothed Weiszfeld, RFA (Pillutla et al. 2022).
+- :func:`bulyan`: El Mhamdi et al. 2018.
+- :func:`centered_clipping`: Karimireddy et al. 2021.
+
+Pre-aggregation (rows in, rows out): :func:`nnm` (Allouah et al. 2023),
+:func:`bucketing` (Karimireddy et al. 2022), :func:`clip`.
+
+Numerics. Norms and distances are float64. Pairwise squared distances come from
+one Gram-matrix product of the rows after subtracting the mean row, computed in
+float64 over column blocks that stay in cache. Centering matters: the
+uncentered float32 Gram trick loses most of its digits on near-identical
+clients. Where an attacker's 1e30-scale row drags the mean far from a tight
+group of rows, the distances inside that group are recomputed around the
+group's own mean (see :func:`pairwise_sq_distances`), so they stay exact too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 
-# Columns per block when a float32 array is accumulated in float64: small
-# enough that the float64 copy of a block stays in cache.
-_BLOCK_BYTES = 1 << 20
+# Columns per block when float32 rows are processed in float64: the float64
+# copy of one block stays in cache.
+_BLOCK_BYTES = 1 << 21
+# Column blocks per threaded task (fixed, so sums happen in the same order on any machine).
+_BLOCKS_PER_TASK = 16
+# A Gram-derived distance below this fraction of (|c_i|^2 + |c_j|^2), scaled by
+# sqrt(d), has lost too many digits to cancellation and is recomputed.
+_RECENTER_RTOL = 1e-9
+# Scores closer than this (relative) are ties, broken by the lowest row index.
+_TIE_RTOL = 1e-12
 
 
 @dataclass
 class AggregationResult:
-    """``vector``: the (d,) float64 aggregate. ``selected``: indices of the rows the
-    aggregate used (None when all rows contribute). ``scores``: one score per row
-    for rules that score rows (None otherwise)."""
+    """``vector``: the (d,) float64 aggregate. ``selected``: sorted indices of the
+    rows the aggregate used. ``scores``: one float per row where the rule scores
+    rows (Krum scores, kept fractions, weights...), else None. ``info``: extras
+    such as iteration counts."""
 
     vector: np.ndarray
     selected: np.ndarray | None = None
     scores: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- helpers
 
 
 def _as_updates(updates: np.ndarray) -> np.ndarray:
     updates = np.asarray(updates)
     if updates.ndim != 2 or updates.shape[0] == 0:
         raise ValueError(f"updates must be a non-empty (n, d) array, got shape {updates.shape}")
+    if not np.issubdtype(updates.dtype, np.floating):
+        updates = updates.astype(np.float64)
     return updates
+
+
+def _blocks(updates: np.ndarray):
+    """Yield (column slice, float64 block) pairs covering ``updates``."""
+    n, d = updates.shape
+    width = max(256, _BLOCK_BYTES // (8 * n))
+    for start in range(0, d, width):
+        cols = slice(start, min(d, start + width))
+        yield cols, updates[:, cols].astype(np.float64, copy=False)
 
 
 def _normalised_weights(weights: np.ndarray | None, n: int) -> np.ndarray:
@@ -50,30 +95,187 @@ def _normalised_weights(weights: np.ndarray | None, n: int) -> np.ndarray:
     return w / total
 
 
+def _all_rows(n: int) -> np.ndarray:
+    return np.arange(n)
+
+
 def weighted_sum(updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """sum_i weights[i] * updates[i], accumulated in float64, one pass over ``updates``."""
-    n, d = updates.shape
-    if updates.dtype == np.float64:
-        return weights @ updates
-    out = np.empty(d, dtype=np.float64)
-    block = max(1024, _BLOCK_BYTES // (8 * n))
-    for start in range(0, d, block):
-        out[start:start + block] = weights @ updates[:, start:start + block].astype(np.float64)
+    updates = _as_updates(updates)
+    out = np.empty(updates.shape[1])
+    for cols, block in _blocks(updates):
+        out[cols] = weights @ block
     return out
 
 
 def row_norms(updates: np.ndarray) -> np.ndarray:
     """L2 norm of each row, accumulated in float64 (1e30-scale rows do not overflow)."""
     updates = _as_updates(updates)
-    n, d = updates.shape
-    if updates.dtype == np.float64:
-        return np.sqrt(np.einsum("ij,ij->i", updates, updates))
-    sq = np.zeros(n)
-    block = max(1024, _BLOCK_BYTES // (8 * n))
-    for start in range(0, d, block):
-        part = updates[:, start:start + block].astype(np.float64)
-        sq += np.einsum("ij,ij->i", part, part)
+    sq = np.zeros(updates.shape[0])
+    for _, block in _blocks(updates):
+        sq += np.einsum("ij,ij->i", block, block)
     return np.sqrt(sq)
+
+
+def _worker_threads() -> int:
+    """Threads for block-parallel work: the usable cores, capped by OMP_NUM_THREADS
+    or OPENBLAS_NUM_THREADS when set; 1 without threadpoolctl (needed to keep
+    BLAS itself single-threaded inside each worker)."""
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        cores = os.cpu_count() or 1
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            cores = min(cores, int(value))
+    return max(1, cores)
+
+
+def _map_blocks(fn, starts: list, threads: int):
+    """``fn`` over column starts, results in order whatever ``threads`` is."""
+    if threads <= 1 or len(starts) < 2:
+        return map(fn, starts)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(min(threads, len(starts))) as pool:
+        return list(pool.map(fn, starts))
+
+
+def _centered_gram(updates: np.ndarray, rows: np.ndarray | None = None, center: np.ndarray | None = None) -> np.ndarray:
+    """Gram matrix of the chosen rows after subtracting ``center`` (default: their
+    mean row), in float64.
+
+    The mean row is taken once, summed in the rows' own precision: any center
+    gives the same distances, one near the rows keeps their digits. Then column
+    block by block, each block's float64 copy staying in cache: copy, subtract
+    the center, symmetric rank-k update (syrk). Runs of blocks go to several threads; their (k, k) parts are
+    summed in a fixed order, so the result does not depend on the thread count.
+    """
+    sub = updates if rows is None else updates[rows]
+    k, d = sub.shape
+    if center is None:
+        with np.errstate(over="ignore"):
+            center = sub.sum(axis=0, dtype=sub.dtype).astype(np.float64) / k
+        if not np.isfinite(center).all():  # float32 rows near the top of their range overflowed the sum
+            center = sub.sum(axis=0, dtype=np.float64) / k
+    width = max(256, _BLOCK_BYTES // (8 * k))
+    span = width * _BLOCKS_PER_TASK
+
+    def run_gram(first: int) -> np.ndarray:
+        gram = np.zeros((k, k))
+        buf = np.empty((k, min(width, d)))
+        for start in range(first, min(d, first + span), width):
+            block = sub[:, start:start + width]
+            centered = buf[:, :block.shape[1]]
+            centered[...] = block
+            centered -= center[start:start + block.shape[1]]
+            gram += centered @ centered.T
+        return gram
+
+    gram = np.zeros((k, k))
+    for part in _map_blocks(run_gram, list(range(0, d, span)), _worker_threads()):
+        gram += part
+    return gram
+
+
+def _gram_to_sq_distances(gram: np.ndarray) -> np.ndarray:
+    diag = np.diag(gram)
+    dist = diag[:, None] + diag[None, :] - 2.0 * gram
+    np.maximum(dist, 0.0, out=dist)
+    np.fill_diagonal(dist, 0.0)
+    return (dist + dist.T) / 2.0
+
+
+def pairwise_sq_distances(updates: np.ndarray, max_depth: int = 8) -> np.ndarray:
+    """(n, n) float64 squared Euclidean distances between rows.
+
+    One centered Gram product gives them all. A pair whose distance is tiny
+    compared with the rows' squared distances from the center has lost digits
+    to cancellation; such pairs form groups (connected components), and each
+    group smaller than the whole is recomputed from a Gram product centered on
+    its own mean, recursively. This keeps, e.g., honest clients exact next to a
+    1e30-scale attacker, and makes identical rows exactly 0 apart.
+    """
+    updates = _as_updates(updates)
+    n = updates.shape[0]
+    dist = np.zeros((n, n))
+    _fill_distances(updates, np.arange(n), dist, max_depth)
+    return dist
+
+
+def _fill_distances(updates: np.ndarray, rows: np.ndarray, dist: np.ndarray, depth: int) -> None:
+    gram = _centered_gram(updates, None if len(rows) == len(updates) else rows)
+    sub = _gram_to_sq_distances(gram)
+    dist[np.ix_(rows, rows)] = sub
+    if depth == 0:
+        return
+    diag = np.diag(gram)
+    tol = _RECENTER_RTOL * math.sqrt(updates.shape[1]) * (diag[:, None] + diag[None, :])
+    suspicious = (sub < tol) & ~np.eye(len(rows), dtype=bool)
+    if suspicious.any():
+        for component in _components(suspicious):
+            if 2 <= len(component) < len(rows):
+                _fill_distances(updates, rows[component], dist, depth - 1)
+
+
+def _components(adjacency: np.ndarray) -> list[np.ndarray]:
+    """Connected components of an undirected boolean adjacency matrix."""
+    n = len(adjacency)
+    label = -np.ones(n, dtype=np.int64)
+    current = 0
+    for start in range(n):
+        if label[start] >= 0:
+            continue
+        stack = [start]
+        label[start] = current
+        while stack:
+            node = stack.pop()
+            for nxt in np.flatnonzero(adjacency[node] & (label < 0)):
+                label[nxt] = current
+                stack.append(nxt)
+        current += 1
+    return [np.flatnonzero(label == c) for c in range(current)]
+
+
+def _rank(scores: np.ndarray) -> np.ndarray:
+    """Row indices by increasing score; scores within _TIE_RTOL are ties, lowest index first."""
+    order = np.argsort(scores, kind="stable")
+    key = scores.astype(np.float64).copy()
+    sorted_scores = key[order]
+    group_min = sorted_scores[0]
+    for pos in range(1, len(order)):
+        value = sorted_scores[pos]
+        if value - group_min <= _TIE_RTOL * max(abs(group_min), abs(value)) or value == group_min:
+            key[order[pos]] = group_min
+        else:
+            group_min = value
+    return np.lexsort((np.arange(len(key)), key))
+
+
+# --------------------------------------------------------------------------- requirements
+
+
+def check_f(rule: str, n: int, f: int) -> None:
+    """Raise ValueError when ``rule`` cannot tolerate f Byzantine rows out of n."""
+    if not isinstance(f, (int, np.integer)) or f < 0:
+        raise ValueError(f"{rule}: f must be a non-negative integer, got {f!r}")
+    need = {
+        "krum": (2 * f + 3, "n >= 2f + 3"),
+        "multi_krum": (2 * f + 3, "n >= 2f + 3"),
+        "bulyan": (4 * f + 3, "n >= 4f + 3"),
+        "trimmed_mean": (2 * f + 1, "2f < n"),
+        "nnm": (f + 1, "f < n"),
+    }
+    if rule in need and n < need[rule][0]:
+        raise ValueError(f"{rule} needs {need[rule][1]}; got n = {n}, f = {f}")
+
+
+# --------------------------------------------------------------------------- rules
 
 
 def fedavg(updates: np.ndarray, weights: np.ndarray | None = None) -> AggregationResult:
@@ -85,4 +287,265 @@ def fedavg(updates: np.ndarray, weights: np.ndarray | None = None) -> Aggregatio
     """
     updates = _as_updates(updates)
     w = _normalised_weights(weights, updates.shape[0])
-    return AggregationResult(weighted_sum(updates, w))
+    return AggregationResult(weighted_sum(updates, w), selected=np.flatnonzero(w > 0), scores=w)
+
+
+def krum_scores(sq_dist: np.ndarray, f: int) -> np.ndarray:
+    """score(i) = sum of squared distances from row i to its n - f - 2 nearest other rows."""
+    n = len(sq_dist)
+    k = max(0, n - f - 2)
+    others = sq_dist + np.diag(np.full(n, np.inf))
+    if k == 0:
+        return np.zeros(n)
+    nearest = np.sort(others, axis=1)[:, :k]
+    return nearest.sum(axis=1)
+
+
+def krum(updates: np.ndarray, f: int) -> AggregationResult:
+    """Krum (Blanchard et al. 2017): the row with the smallest score, where
+    score(i) is the sum of squared distances to its n - f - 2 nearest other rows.
+
+    Needs n >= 2f + 3; ties go to the lowest index. This follows the paper's
+    n - f - 2 neighbours (some libraries use n - f - 1).
+
+    >>> krum(np.array([[0.0], [0.1], [0.2], [0.3], [9.0]]), f=1).selected
+    array([1])
+    """
+    updates = _as_updates(updates)
+    n = updates.shape[0]
+    check_f("krum", n, f)
+    scores = krum_scores(pairwise_sq_distances(updates), f)
+    best = int(_rank(scores)[0])
+    return AggregationResult(updates[best].astype(np.float64), selected=np.array([best]), scores=scores)
+
+
+def multi_krum(updates: np.ndarray, f: int, m: int | None = None) -> AggregationResult:
+    """Multi-Krum (Blanchard et al. 2017): the mean of the m rows with the best
+    Krum scores (default m = n - f); ties by lowest index. Needs n >= 2f + 3."""
+    updates = _as_updates(updates)
+    n = updates.shape[0]
+    check_f("multi_krum", n, f)
+    m = n - f if m is None else m
+    if not 1 <= m <= n:
+        raise ValueError(f"multi_krum needs 1 <= m <= n; got m = {m}, n = {n}")
+    scores = krum_scores(pairwise_sq_distances(updates), f)
+    chosen = np.sort(_rank(scores)[:m])
+    weights = np.zeros(n)
+    weights[chosen] = 1.0 / m
+    return AggregationResult(weighted_sum(updates, weights), selected=chosen, scores=scores)
+
+
+def _coordinatewise(updates: np.ndarray, keep_lo: int, keep_hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per coordinate, sort the n values and average positions keep_lo..keep_hi-1.
+    Also return, per row, the fraction of coordinates where its value was kept."""
+    n, d = updates.shape
+    out = np.empty(d)
+    kept = np.zeros(n)
+    for cols, block in _blocks(updates):
+        order = np.argsort(block, axis=0, kind="stable")
+        values = np.take_along_axis(block, order[keep_lo:keep_hi], axis=0)
+        out[cols] = values.mean(axis=0)
+        kept += np.bincount(order[keep_lo:keep_hi].ravel(), minlength=n)
+    return out, kept / d
+
+
+def median(updates: np.ndarray) -> AggregationResult:
+    """Coordinate-wise median (Yin et al. 2018); for even n the mean of the two
+    middle values. ``scores``: fraction of coordinates where the row is a middle value."""
+    updates = _as_updates(updates)
+    n = updates.shape[0]
+    lo, hi = (n - 1) // 2, n // 2 + 1
+    vector, kept = _coordinatewise(updates, lo, hi)
+    return AggregationResult(vector, selected=np.flatnonzero(kept > 0), scores=kept)
+
+
+def trimmed_mean(updates: np.ndarray, f: int) -> AggregationResult:
+    """Coordinate-wise trimmed mean (Yin et al. 2018): drop the f lowest and f
+    highest values of each coordinate, average the rest. Needs 2f < n.
+    ``scores``: fraction of coordinates where the row's value was kept."""
+    updates = _as_updates(updates)
+    n = updates.shape[0]
+    check_f("trimmed_mean", n, f)
+    vector, kept = _coordinatewise(updates, f, n - f)
+    return AggregationResult(vector, selected=np.flatnonzero(kept > 0), scores=kept)
+
+
+def geometric_median(updates: np.ndarray, weights: np.ndarray | None = None, *, smoothing: float = 1e-6,
+                     tol: float = 1e-10, max_iter: int = 1000) -> AggregationResult:
+    """Geometric median by smoothed Weiszfeld iterations (RFA, Pillutla et al. 2022).
+
+    v <- sum_i b_i x_i / sum_i b_i with b_i = w_i / max(smoothing, |v - x_i|),
+    from the weighted mean, until a step moves v by at most ``tol`` times the
+    median distance from v to the rows (a scale that outliers do not inflate,
+    unlike the objective sum_i w_i |v - x_i|), at most ``max_iter`` iterations.
+
+    The iterate is kept as a convex combination of the rows, v = sum_i a_i x_i,
+    so each step costs O(n^2) on a float64 Gram matrix of the rows centered at
+    some point c: |v - x_j|^2 = a^T G a - 2 (G a)_j + G_jj. When the distances
+    that matter are tiny next to the rows' distances from c (a 1e30 outlier
+    pulls the mean away), the Gram matrix is rebuilt around the current v and
+    the iterations go on from there, so honest distances keep their digits.
+    ``scores``: the final normalised b_i (small = down-weighted). ``info``:
+    iterations, whether ``tol`` was reached, the objective, the re-centerings.
+    """
+    updates = _as_updates(updates)
+    n, d = updates.shape
+    w = _normalised_weights(weights, n)
+    alpha = w.copy()
+    iterations, converged, recenters = 0, False, 0
+    center = None
+    while True:
+        gram = _centered_gram(updates, center=center)
+        diag = np.diag(gram)
+
+        def sq_distances(a: np.ndarray, gram: np.ndarray = gram, diag: np.ndarray = diag) -> np.ndarray:
+            ga = gram @ a
+            return np.maximum(a @ ga - 2.0 * ga + diag, 0.0)
+
+        dist = np.sqrt(sq_distances(alpha))
+        converged = False
+        while iterations < max_iter:
+            iterations += 1
+            beta = w / np.maximum(smoothing, dist)
+            new_alpha = beta / beta.sum()
+            step = new_alpha - alpha
+            moved = math.sqrt(max(float(step @ (gram @ step)), 0.0))  # |v_new - v_old|
+            alpha = new_alpha
+            dist = np.sqrt(sq_distances(alpha))
+            if moved <= tol * float(np.median(dist)):
+                converged = True
+                break
+        # digits left in each |v - x_j|^2 after cancelling terms of size G_jj and a^T G a
+        spread = diag + float(alpha @ (gram @ alpha))
+        lost = dist ** 2 < _RECENTER_RTOL * math.sqrt(d) * spread
+        if not lost[alpha > 0].any() or recenters == 3 or iterations >= max_iter:
+            break
+        center = weighted_sum(updates, alpha)
+        recenters += 1
+    beta = w / np.maximum(smoothing, dist)
+    return AggregationResult(weighted_sum(updates, alpha), selected=np.flatnonzero(alpha > 0), scores=beta / beta.sum(),
+                             info={"iterations": iterations, "converged": converged, "objective": float(w @ dist),
+                                   "recenters": recenters})
+
+
+def bulyan(updates: np.ndarray, f: int) -> AggregationResult:
+    """Bulyan (El Mhamdi et al. 2018), needs n >= 4f + 3.
+
+    1. Select theta = n - 2f rows by Krum applied repeatedly to the rows not yet
+       selected (each time with n_remaining - f - 2 neighbours).
+    2. Per coordinate, average the beta = theta - 2f selected values closest to
+       their median.
+    ``selected``: the theta rows of step 1; ``scores``: Krum scores on all n rows.
+    """
+    updates = _as_updates(updates)
+    n = updates.shape[0]
+    check_f("bulyan", n, f)
+    dist = pairwise_sq_distances(updates)
+    theta, beta = n - 2 * f, n - 4 * f
+    remaining = list(range(n))
+    chosen = []
+    for _ in range(theta):
+        sub = dist[np.ix_(remaining, remaining)]
+        scores = krum_scores(sub, f)
+        pick = remaining[int(_rank(scores)[0])]
+        chosen.append(pick)
+        remaining.remove(pick)
+    chosen = np.sort(np.array(chosen))
+    selected_rows = updates[chosen]
+    out = np.empty(updates.shape[1])
+    for cols, block in _blocks(selected_rows):
+        med = np.median(block, axis=0)
+        order = np.argsort(np.abs(block - med), axis=0, kind="stable")[:beta]
+        out[cols] = np.take_along_axis(block, order, axis=0).mean(axis=0)
+    return AggregationResult(out, selected=chosen, scores=krum_scores(dist, f))
+
+
+def centered_clipping(updates: np.ndarray, tau: float, iterations: int = 1,
+                      center: np.ndarray | None = None) -> AggregationResult:
+    """Centered clipping (Karimireddy et al. 2021).
+
+    v <- v + mean_i (x_i - v) * min(1, tau / |x_i - v|), ``iterations`` times,
+    from ``center`` (the previous round's aggregate, held by the caller; zeros
+    when None). ``scores``: each row's clipping factor in the last iteration.
+    """
+    updates = _as_updates(updates)
+    n, d = updates.shape
+    if tau <= 0:
+        raise ValueError(f"centered_clipping needs tau > 0, got {tau}")
+    if iterations < 1:
+        raise ValueError(f"centered_clipping needs iterations >= 1, got {iterations}")
+    v = np.zeros(d) if center is None else np.array(center, dtype=np.float64)
+    if v.shape != (d,):
+        raise ValueError(f"center must have shape ({d},), got {v.shape}")
+    factors = np.ones(n)
+    for _ in range(iterations):
+        sq = np.zeros(n)
+        for cols, block in _blocks(updates):
+            diff = block - v[cols]
+            sq += np.einsum("ij,ij->i", diff, diff)
+        norms = np.sqrt(sq)
+        factors = np.minimum(1.0, tau / np.maximum(norms, np.finfo(float).tiny))
+        step = np.zeros(d)
+        for cols, block in _blocks(updates):
+            step[cols] = factors @ (block - v[cols]) / n
+        v = v + step
+    return AggregationResult(v, selected=_all_rows(n), scores=factors)
+
+
+# --------------------------------------------------------------------------- pre-aggregation
+
+
+def nnm_neighbours(updates: np.ndarray, f: int) -> np.ndarray:
+    """(n, n - f) indices: for each row, its n - f nearest rows (itself included), ties by index."""
+    updates = _as_updates(updates)
+    n = updates.shape[0]
+    check_f("nnm", n, f)
+    dist = pairwise_sq_distances(updates)
+    return np.stack([np.sort(_rank(dist[i])[: n - f]) for i in range(n)])
+
+
+def average_groups(updates: np.ndarray, groups: list) -> np.ndarray:
+    """Row g of the result is the mean of ``updates[groups[g]]``, in float64."""
+    updates = _as_updates(updates)
+    mix = np.zeros((len(groups), updates.shape[0]))
+    for g, rows in enumerate(groups):
+        mix[g, rows] = 1.0 / len(rows)
+    out = np.empty((len(groups), updates.shape[1]))
+    for cols, block in _blocks(updates):
+        out[:, cols] = mix @ block
+    return out
+
+
+def nnm(updates: np.ndarray, f: int) -> np.ndarray:
+    """Nearest-neighbour mixing (Allouah et al. 2023): each row becomes the mean of
+    its n - f nearest rows (itself included). Returns a new (n, d) float64 array."""
+    return average_groups(updates, list(nnm_neighbours(updates, f)))
+
+
+def bucket_assignment(n: int, s: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffle 0..n-1 with ``rng`` and cut into ceil(n/s) buckets of at most s rows."""
+    if s < 1:
+        raise ValueError(f"bucketing needs s >= 1, got {s}")
+    order = rng.permutation(n)
+    return [np.sort(order[i:i + s]) for i in range(0, n, s)]
+
+
+def bucketing(updates: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarray:
+    """Bucketing (Karimireddy et al. 2022): shuffle the rows, average them in
+    buckets of s. Returns a new (ceil(n/s), d) float64 array."""
+    updates = _as_updates(updates)
+    return average_groups(updates, bucket_assignment(updates.shape[0], s, rng))
+
+
+def clip(updates: np.ndarray, max_norm: float) -> np.ndarray:
+    """Scale every row whose L2 norm exceeds ``max_norm`` down to ``max_norm``.
+    Returns a new float64 array."""
+    updates = _as_updates(updates)
+    if max_norm <= 0:
+        raise ValueError(f"clip needs max_norm > 0, got {max_norm}")
+    norms = row_norms(updates)
+    factors = np.minimum(1.0, max_norm / np.maximum(norms, np.finfo(float).tiny))
+    out = np.empty(updates.shape)
+    for cols, block in _blocks(updates):
+        out[:, cols] = block * factors[:, None]
+    return out

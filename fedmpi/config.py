@@ -118,6 +118,42 @@ class ServerConfig:
     tau: float = 1e-3  # fedadam adaptivity (Reddi et al. 2021)
 
 
+AGGREGATORS = ("fedavg", "krum", "multi_krum", "median", "trimmed_mean", "geometric_median", "bulyan", "centered_clipping")
+
+
+@dataclass
+class PreAggregationConfig:
+    """One step applied to the update rows before the aggregator (in list order)."""
+
+    name: Literal["nnm", "bucketing", "clip"] = "clip"
+    s: int = 2  # bucketing: rows per bucket
+    max_norm: float | None = None  # clip: required
+
+
+@dataclass
+class AggregatorConfig:
+    name: Literal[AGGREGATORS] = "fedavg"  # type: ignore[valid-type]
+    f: int | None = None  # Byzantine rows to tolerate; default: expected Byzantine clients per cohort
+    m: int | None = None  # multi_krum: rows averaged (default n - f)
+    tau: float = 1.0  # centered_clipping: clipping radius
+    iterations: int = 1  # centered_clipping: clipping iterations per round
+    smoothing: float = 1e-6  # geometric_median: Weiszfeld smoothing nu
+    tol: float = 1e-10  # geometric_median: stop when the objective improves by less (relative)
+    max_iter: int = 1000  # geometric_median
+    pre: list[PreAggregationConfig] = field(default_factory=list)
+
+
+ATTACKS = ("none", "label_flip", "sign_flip", "scaling", "gaussian", "alie", "ipm")
+
+
+@dataclass
+class AttackConfig:
+    name: Literal[ATTACKS] = "none"  # type: ignore[valid-type]
+    fraction: float | None = None  # share of clients.total that is Byzantine (seeded draw), or
+    clients: list[int] | None = None  # the Byzantine client ids
+    params: dict[str, float] = field(default_factory=dict)  # sign_flip/scaling: lambda; gaussian: std; alie: z; ipm: eps
+
+
 @dataclass
 class EvalConfig:
     every: int = 1  # evaluate the global model every k rounds (and after the last)
@@ -141,6 +177,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -188,6 +226,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(key, value, "must be one of " + ", ".join(map(str, args)))
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, value, "expected a mapping")
+        return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(key, value, "expected a list")
@@ -349,6 +391,9 @@ def validate(cfg: Config) -> None:
     _unit_interval("server.beta2", sv.beta2)
     _positive("server.tau", sv.tau)
 
+    _validate_attack(cfg)
+    _validate_aggregator(cfg)
+
     _at_least("eval.every", cfg.eval.every, 1)
     _at_least("eval.batch_size", cfg.eval.batch_size, 1)
 
@@ -356,3 +401,75 @@ def validate(cfg: Config) -> None:
     _at_least("output.snapshot_every", o.snapshot_every, 0)
     if o.path is not None:
         _require(o.path.strip() != "", "output.path", o.path, "must not be empty")
+
+
+def _validate_attack(cfg: Config) -> None:
+    from .attacks import PARAMS
+
+    a, total = cfg.attack, cfg.clients.total
+    if a.name == "none":
+        for key in ("fraction", "clients"):
+            if getattr(a, key) is not None:
+                raise ConfigError(f"attack.{key}", getattr(a, key), "needs an attack: set attack.name")
+        if a.params:
+            raise ConfigError("attack.params", a.params, "needs an attack: set attack.name")
+        return
+    if (a.fraction is None) == (a.clients is None):
+        raise ConfigError("attack.name", a.name, "needs exactly one of attack.fraction or attack.clients")
+    if a.fraction is not None:
+        _require(0 < a.fraction < 1, "attack.fraction", a.fraction, "must be in (0, 1)")
+        _require(round(a.fraction * total) >= 1, "attack.fraction", a.fraction,
+                 f"makes round({a.fraction} x clients.total {total}) = 0 Byzantine clients")
+    else:
+        _require(len(a.clients) > 0, "attack.clients", a.clients, "must list at least one client id")
+        for i, cid in enumerate(a.clients):
+            _require(0 <= cid < total, f"attack.clients[{i}]", cid, f"must be a client id in 0..{total - 1}")
+        _require(len(set(a.clients)) == len(a.clients), "attack.clients", a.clients, "must not repeat ids")
+        _require(len(a.clients) < total, "attack.clients", a.clients, "must leave at least one honest client")
+    allowed = PARAMS[a.name]
+    for key, value in a.params.items():
+        if key not in allowed:
+            names = ", ".join(allowed) or "none"
+            raise ConfigError(f"attack.params.{key}", value, f"unknown parameter for {a.name} (allowed: {names})")
+        if key in ("lambda", "std", "eps"):
+            _positive(f"attack.params.{key}", value)
+
+
+def num_byzantine(cfg: Config) -> int:
+    a = cfg.attack
+    if a.name == "none":
+        return 0
+    return len(a.clients) if a.clients is not None else int(round(a.fraction * cfg.clients.total))
+
+
+def _validate_aggregator(cfg: Config) -> None:
+    from .aggregation import check_f
+
+    g = cfg.aggregator
+    n = cfg.clients.per_round
+    if g.f is None:
+        byz = num_byzantine(cfg)
+        g.f = math.ceil(n * byz / cfg.clients.total) if byz else 0
+    _at_least("aggregator.f", g.f, 0)
+    for i, step in enumerate(g.pre):
+        key = f"aggregator.pre[{i}]"
+        if step.name == "clip":
+            _require(step.max_norm is not None and step.max_norm > 0, f"{key}.max_norm", step.max_norm,
+                     "clip needs max_norm > 0")
+        elif step.name == "bucketing":
+            _at_least(f"{key}.s", step.s, 1)
+            n = math.ceil(n / step.s)
+        else:
+            _require(g.f < n, "aggregator.f", g.f, f"nnm needs f < n (rows reaching it: {n})")
+    try:
+        check_f(g.name, n, g.f)
+    except ValueError as exc:
+        raise ConfigError("aggregator.f", g.f, f"{exc} (n: rows per round reaching the aggregator)") from None
+    if g.m is not None:
+        _require(g.name == "multi_krum", "aggregator.m", g.m, "only used by multi_krum")
+        _require(1 <= g.m <= n, "aggregator.m", g.m, f"must be in 1..{n}")
+    _positive("aggregator.tau", g.tau)
+    _at_least("aggregator.iterations", g.iterations, 1)
+    _positive("aggregator.smoothing", g.smoothing)
+    _positive("aggregator.tol", g.tol)
+    _at_least("aggregator.max_iter", g.max_iter, 1)

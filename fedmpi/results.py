@@ -27,6 +27,8 @@ ROUND_FIELDS = {
     "test_loss": ("f8", "mean cross-entropy of the new global model on the test set (NaN when not evaluated)"),
     "train_loss": ("f8", "mean local training loss of the cohort, weighted by client samples"),
     "update_norm": ("f8", "L2 norm of the aggregated update applied by the server optimizer"),
+    "byzantine_in_cohort": ("i8", "Byzantine clients in this round's cohort"),
+    "byzantine_selected": ("i8", "Byzantine updates the aggregator used (see /clients/selected)"),
     "wall_s": ("f8", "wall-clock seconds of the whole round on rank 0"),
     "train_s": ("f8", "seconds the slowest rank spent training its clients"),
     "comm_s": ("f8", "seconds of broadcast and gather not spent training (wait + transfer)"),
@@ -43,6 +45,9 @@ CLIENT_FIELDS = {
     "train_loss": ("f8", "mean minibatch loss over the client's local training"),
     "steps": ("i8", "local SGD steps taken"),
     "train_s": ("f8", "seconds the client's local training took"),
+    "byzantine": ("bool", "the client is one of the run's Byzantine clients"),
+    "selected": ("bool", "the aggregate used this slot's update (after pre-aggregation, through the rows it went into)"),
+    "score": ("f8", "the aggregator's score for the slot (Krum score, kept fraction, weight...); NaN where the rule has none"),
 }
 
 
@@ -99,11 +104,9 @@ class ResultsWriter:
     def append_round(self, round_values: dict, client_values: dict) -> None:
         """One row of /rounds and one row per cohort slot of /clients; then flush."""
         for name in ROUND_FIELDS:
-            self._append(self.f["rounds"][name], [round_values.get(name, np.nan)])
-        k = len(client_values["client_id"])
-        for name, (dtype, _) in CLIENT_FIELDS.items():
-            default = np.full(k, np.nan if dtype == "f8" else -1)
-            self._append(self.f["clients"][name], client_values.get(name, default))
+            self._append(self.f["rounds"][name], [round_values[name]])
+        for name in CLIENT_FIELDS:
+            self._append(self.f["clients"][name], client_values[name])
         self.f.flush()
 
     def snapshot(self, round_index: int, weights: np.ndarray) -> None:

@@ -118,8 +118,12 @@ def main(argv: list | None = None) -> int:
     return 0
 
 
-def _data_attrs(data) -> dict:
-    attrs = {"model_input_shape": list(data.input_shape), "model_num_classes": data.num_classes}
+def _run_attrs(cfg: Config, data) -> dict:
+    from .attacks import byzantine_clients
+
+    a = cfg.attack
+    attrs = {"model_input_shape": list(data.input_shape), "model_num_classes": data.num_classes,
+             "byzantine_clients": byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients)}
     if data.norm_mean is not None:
         attrs["data_norm_mean"], attrs["data_norm_std"] = data.norm_mean, data.norm_std
     return attrs
@@ -146,7 +150,7 @@ def _run_role(cfg: Config, comm, data, quiet: bool) -> None:
     specs = [{"name": s.name, "shape": list(s.shape), "offset": s.offset, "numel": s.numel} for s in layout(module)]
     writer = ResultsWriter(cfg.output.path, config_yaml=cfg.to_yaml(), world_size=comm.size, seed=cfg.seed,
                            layout=specs, overwrite=cfg.output.overwrite, snapshot_every=cfg.output.snapshot_every,
-                           attrs=_data_attrs(data))
+                           attrs=_run_attrs(cfg, data))
     try:
         run_server(cfg, comm, data, model, weights, writer, quiet)
     finally:

@@ -7,8 +7,8 @@
 2. broadcast the header, the cohort and the global weights (flat float32);
 3. gather the (K, d) float32 update rows, in cohort order, and the per-client
    records (with one process, train them here instead);
-4. aggregate (FedAvg, weights = client sample counts) and step the server
-   optimizer;
+4. let omniscient attackers (ALIE, IPM) replace the Byzantine rows, run the
+   pre-aggregation steps and the aggregator, and step the server optimizer;
 5. evaluate, append the round to the HDF5 file (flushed), print one line.
 
 After the last round the workers get a STOP header and the final model is written.
@@ -17,10 +17,11 @@ After the last round the workers get a STOP header and the final model is writte
 from __future__ import annotations
 
 import time
+from statistics import NormalDist
 
 import numpy as np
 
-from . import aggregation, seeding
+from . import aggregation, attacks, seeding
 from .config import Config
 from .data import FederatedData
 from .models import FlatModel
@@ -36,6 +37,82 @@ def sample_cohort(cfg: Config, round_index: int) -> np.ndarray:
     return np.sort(g.choice(cfg.clients.total, size=cfg.clients.per_round, replace=False)).astype(np.int64)
 
 
+class RoundAggregator:
+    """``aggregator.pre`` steps, then ``aggregator.name``, over one round's rows.
+
+    Holds the only state a rule keeps between rounds (centered clipping's
+    center) in :attr:`state`. Returns, per cohort slot, whether the slot's update
+    was used by the aggregate and the rule's score for it (NaN where none).
+    """
+
+    def __init__(self, cfg: Config, size: int):
+        self.cfg = cfg
+        self.state: dict[str, np.ndarray] = {}
+        if cfg.aggregator.name == "centered_clipping":
+            self.state["center"] = np.zeros(size)
+
+    def __call__(self, updates: np.ndarray, samples: np.ndarray, round_index: int):
+        g = self.cfg.aggregator
+        n = len(updates)
+        rows, weights = updates, samples.astype(np.float64)
+        members = np.eye(n, dtype=bool)  # members[r, slot]: slot's update went into row r
+        row_of_slot = np.arange(n)  # the row that stands for each slot, for scores
+        for step_index, step in enumerate(g.pre):
+            if step.name == "clip":
+                rows = aggregation.clip(rows, step.max_norm)
+                continue
+            if step.name == "nnm":
+                groups = list(aggregation.nnm_neighbours(rows, g.f))
+            else:
+                groups = aggregation.bucket_assignment(len(rows), step.s,
+                                                       seeding.rng(self.cfg.seed, "bucketing", round_index, step_index))
+                position = np.empty(len(rows), dtype=np.int64)
+                for b, group in enumerate(groups):
+                    position[group] = b
+                row_of_slot = position[row_of_slot]
+            rows = aggregation.average_groups(rows, groups)
+            weights = np.array([weights[group].sum() for group in groups])
+            members = np.stack([members[group].any(axis=0) for group in groups])
+        result = self._rule(rows, weights)
+        selected = members[result.selected].any(axis=0) if result.selected is not None else members.any(axis=0)
+        scores = result.scores[row_of_slot] if result.scores is not None else np.full(n, np.nan)
+        return result.vector, selected, scores
+
+    def _rule(self, rows: np.ndarray, weights: np.ndarray) -> aggregation.AggregationResult:
+        g = self.cfg.aggregator
+        name = g.name
+        if name == "fedavg":
+            return aggregation.fedavg(rows, weights)
+        if name == "krum":
+            return aggregation.krum(rows, g.f)
+        if name == "multi_krum":
+            return aggregation.multi_krum(rows, g.f, g.m)
+        if name == "median":
+            return aggregation.median(rows)
+        if name == "trimmed_mean":
+            return aggregation.trimmed_mean(rows, g.f)
+        if name == "geometric_median":
+            return aggregation.geometric_median(rows, weights, smoothing=g.smoothing, tol=g.tol, max_iter=g.max_iter)
+        if name == "bulyan":
+            return aggregation.bulyan(rows, g.f)
+        result = aggregation.centered_clipping(rows, g.tau, g.iterations, center=self.state["center"])
+        self.state["center"] = result.vector.copy()
+        return result
+
+
+def omniscient_attack(cfg: Config, params: dict, updates: np.ndarray, byzantine: np.ndarray) -> None:
+    """ALIE / IPM on rank 0: overwrite the Byzantine rows from the honest ones."""
+    if cfg.attack.name not in attacks.OMNISCIENT:
+        return
+    params = dict(params)
+    n, f = len(byzantine), int(byzantine.sum())
+    if cfg.attack.name == "alie" and params.get("z") is None and 0 < f < n:
+        s = int(np.floor(n / 2 + 1)) - f
+        # with a Byzantine majority no supporters are needed: use the largest finite z
+        params["z"] = attacks.alie_zmax(n, f) if s > 0 else NormalDist().inv_cdf((n - 1) / n)
+    attacks.apply_omniscient_attack(cfg.attack.name, params, updates, byzantine)
+
+
 def run_server(cfg: Config, comm, data: FederatedData, model: FlatModel, weights: np.ndarray,
                writer: ResultsWriter, quiet: bool = False) -> np.ndarray:
     """Run all rounds from ``weights``; return the final global weights."""
@@ -47,6 +124,10 @@ def run_server(cfg: Config, comm, data: FederatedData, model: FlatModel, weights
     no_meta = np.empty((0, len(META_FIELDS)))
     updates = np.empty((cfg.clients.per_round, d), dtype=np.float32)
     meta = np.empty((cfg.clients.per_round, len(META_FIELDS)))
+    aggregate = RoundAggregator(cfg, d)
+    a = cfg.attack
+    byzantine_ids = attacks.byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients)
+    attack_params = attacks.resolved_params(a.name, a.params, cfg.clients.per_round)
     run_start = time.perf_counter()
     for r in range(cfg.rounds):
         t0 = time.perf_counter()
@@ -65,9 +146,11 @@ def run_server(cfg: Config, comm, data: FederatedData, model: FlatModel, weights
         t1 = time.perf_counter()
 
         samples = meta[:, META["num_samples"]]
+        byzantine = np.isin(cohort, byzantine_ids)
+        omniscient_attack(cfg, attack_params, updates, byzantine)
         norms = aggregation.row_norms(updates)
-        result = aggregation.fedavg(updates, weights=samples)
-        optimizer.step(weights, result.vector)
+        vector, selected, scores = aggregate(updates, samples, r)
+        optimizer.step(weights, vector)
         t2 = time.perf_counter()
 
         last = r == cfg.rounds - 1
@@ -83,7 +166,8 @@ def run_server(cfg: Config, comm, data: FederatedData, model: FlatModel, weights
         writer.append_round(
             {
                 "round": r, "cohort_size": k, "test_accuracy": test_acc, "test_loss": test_loss,
-                "train_loss": train_loss, "update_norm": float(np.linalg.norm(result.vector)),
+                "train_loss": train_loss, "update_norm": float(np.linalg.norm(vector)),
+                "byzantine_in_cohort": int(byzantine.sum()), "byzantine_selected": int((byzantine & selected).sum()),
                 "wall_s": time.perf_counter() - t0, "train_s": train_s,
                 "comm_s": max(0.0, (t1 - t0) - train_s), "aggregate_s": t2 - t1, "eval_s": t3 - t2,
             },
@@ -91,7 +175,7 @@ def run_server(cfg: Config, comm, data: FederatedData, model: FlatModel, weights
                 "round": np.full(k, r), "slot": np.arange(k), "client_id": cohort,
                 "num_samples": samples.astype(np.int64), "update_norm": norms,
                 "train_loss": meta[:, META["train_loss"]], "steps": meta[:, META["steps"]].astype(np.int64),
-                "train_s": meta[:, META["train_s"]],
+                "train_s": meta[:, META["train_s"]], "byzantine": byzantine, "selected": selected, "score": scores,
             },
         )
         if writer.snapshot_every and (r + 1) % writer.snapshot_every == 0:

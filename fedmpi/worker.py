@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from . import attacks
 from .config import Config
 from .data import FederatedData
 from .models import FlatModel
@@ -45,14 +46,24 @@ class ClientHost:
         self.cfg = cfg
         self.data = data
         self.trainer = LocalTrainer(model, cfg)
+        a = cfg.attack
+        self.byzantine = set(attacks.byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients).tolist())
+        self.attack_params = attacks.resolved_params(a.name, a.params, cfg.clients.per_round)
 
     def train_slots(self, round_index: int, client_ids: np.ndarray, weights: np.ndarray,
                     rows: np.ndarray, meta: np.ndarray) -> None:
         """Train ``client_ids`` in order; row i of ``rows``/``meta`` belongs to client_ids[i]."""
         for i, cid in enumerate(client_ids):
             start = time.perf_counter()
-            x, y = self.data.client(int(cid))
-            result = self.trainer.train(weights, x, y, round_index, int(cid), rows[i])
+            cid = int(cid)
+            x, y = self.data.client(cid)
+            byzantine = cid in self.byzantine
+            if byzantine and self.cfg.attack.name == "label_flip":
+                y = attacks.flip_labels(y, self.data.num_classes)
+            result = self.trainer.train(weights, x, y, round_index, cid, rows[i])
+            if byzantine:
+                attacks.apply_update_attack(self.cfg.attack.name, self.attack_params, rows[i], self.cfg.seed,
+                                            round_index, cid)
             meta[i, META["num_samples"]] = result.num_samples
             meta[i, META["train_loss"]] = result.train_loss
             meta[i, META["steps"]] = result.steps

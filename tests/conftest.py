@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+collect_ignore = ["helpers"]  # scripts started by tests, not test modules
 CONFIGS = REPO / "configs"
 
 

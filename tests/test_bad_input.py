@@ -44,6 +44,11 @@ CONFIG_CASES = {
                                      "data.partition.min_samples = 200", "lower it or raise data.partition.alpha"),
     "cnn on vector data": (["--set", "data.name=synthetic", "--set", "model.name=cnn"],
                            "model.name = 'cnn'", "needs image inputs", "(60,)"),
+    "krum cannot tolerate f": (["--set", "aggregator.name=krum", "--set", "aggregator.f=7"],
+                               "aggregator.f = 7", "krum needs n >= 2f + 3; got n = 16, f = 7"),
+    "unknown attack parameter": (["--set", "attack.name=ipm", "--set", "attack.fraction=0.25", "--set", "attack.params={lambda: 2}"],
+                                 "attack.params.lambda = 2.0", "unknown parameter for ipm (allowed: eps)"),
+    "unknown aggregator": (["--set", "aggregator.name=mean"], "aggregator.name = 'mean'", "fedavg, krum, multi_krum"),
     "normalizing synthetic data": (["--set", "data.name=synthetic", "--set", "data.normalize=standard"],
                                    "data.normalize = 'standard'", "allowed: none"),
 }

@@ -109,7 +109,7 @@ def test_fedavg_weights_by_samples_and_accumulates_in_float64():
     updates = np.array([[1.0, 0.0], [3.0, 4.0]], dtype=np.float32)
     res = aggregation.fedavg(updates, weights=[1, 3])
     np.testing.assert_array_equal(res.vector, [2.5, 3.0])
-    assert res.vector.dtype == np.float64 and res.selected is None
+    assert res.vector.dtype == np.float64 and res.selected.tolist() == [0, 1]
     big = np.full((3, 4), 1e30, dtype=np.float32)
     assert np.isfinite(aggregation.row_norms(big)).all()
     np.testing.assert_allclose(aggregation.row_norms(big), 2e30, rtol=1e-6)
