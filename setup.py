@@ -26,6 +26,7 @@ setup(
         "pyyaml>=6.0",
         "scikit-learn>=1.0",  # ships the UCI digits used by the default experiment
         "threadpoolctl>=3.0",  # one BLAS thread per block worker in the aggregation kernels
+        "dp-accounting>=0.4",  # privacy accounting (RDP and PLD)
     ],
     extras_require={
         "mpi": MPI,

@@ -86,7 +86,8 @@ class DataConfig:
 @dataclass
 class ClientsConfig:
     total: int = 16
-    per_round: int = 16
+    per_round: int = 16  # cohort size (fixed), or its expectation (poisson)
+    sampling: Literal["fixed", "poisson"] = "fixed"  # fixed: per_round distinct clients; poisson: each with rate per_round/total
 
 
 @dataclass
@@ -155,6 +156,19 @@ class AttackConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy (docs/privacy.md)."""
+
+    mode: Literal["none", "sample", "client_central", "client_local"] = "none"
+    noise_multiplier: float | None = None  # sigma (sample) or z (client); or give target_epsilon
+    max_grad_norm: float = 1.0  # C: per-example clip (sample); S: update clip (client modes)
+    delta: float = 1e-5
+    target_epsilon: float | None = None  # calibrate noise_multiplier to this before training
+    accountant: Literal["pld", "rdp"] = "pld"  # for the reported final epsilon; per round: RDP
+    batch_sampling: Literal["poisson", "shuffle"] = "poisson"  # sample mode: local batches
+
+
+@dataclass
 class EvalConfig:
     every: int = 1  # evaluate the global model every k rounds (and after the last)
     batch_size: int = 1000
@@ -179,6 +193,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -393,6 +408,7 @@ def validate(cfg: Config) -> None:
 
     _validate_attack(cfg)
     _validate_aggregator(cfg)
+    _validate_privacy(cfg)
 
     _at_least("eval.every", cfg.eval.every, 1)
     _at_least("eval.batch_size", cfg.eval.batch_size, 1)
@@ -473,3 +489,32 @@ def _validate_aggregator(cfg: Config) -> None:
     _positive("aggregator.smoothing", g.smoothing)
     _positive("aggregator.tol", g.tol)
     _at_least("aggregator.max_iter", g.max_iter, 1)
+
+
+def _validate_privacy(cfg: Config) -> None:
+    p = cfg.privacy
+    if p.mode == "none":
+        for key in ("noise_multiplier", "target_epsilon"):
+            if getattr(p, key) is not None:
+                raise ConfigError(f"privacy.{key}", getattr(p, key), "needs privacy.mode: sample, client_central or client_local")
+        return
+    if p.noise_multiplier is not None and p.target_epsilon is not None:
+        raise ConfigError("privacy.target_epsilon", p.target_epsilon, "give either privacy.noise_multiplier or "
+                          "privacy.target_epsilon, not both")
+    if p.noise_multiplier is None and p.target_epsilon is None:
+        raise ConfigError("privacy.mode", p.mode, "needs privacy.noise_multiplier or privacy.target_epsilon")
+    if p.noise_multiplier is not None:
+        _at_least("privacy.noise_multiplier", p.noise_multiplier, 0)
+    if p.target_epsilon is not None:
+        _positive("privacy.target_epsilon", p.target_epsilon)
+    _positive("privacy.max_grad_norm", p.max_grad_norm)
+    _require(0 < p.delta < 1, "privacy.delta", p.delta, "must be in (0, 1)")
+    if p.mode == "client_central":
+        g = cfg.aggregator
+        _require(g.name == "fedavg" and not g.pre, "privacy.mode", p.mode,
+                 f"central client-level DP calibrates its noise to the sum of clipped updates, which only "
+                 f"aggregator.name = fedavg without pre-aggregation computes (aggregator.name is {g.name}); use "
+                 "privacy.mode = client_local or sample with robust aggregators")
+        _require(not (p.accountant == "pld" and cfg.clients.sampling == "fixed"), "privacy.accountant", p.accountant,
+                 "PLD accounting of fixed-size cohorts (sampling without replacement) is not supported by dp-accounting; "
+                 "set clients.sampling: poisson or privacy.accountant: rdp")

@@ -29,6 +29,12 @@ ROUND_FIELDS = {
     "update_norm": ("f8", "L2 norm of the aggregated update applied by the server optimizer"),
     "byzantine_in_cohort": ("i8", "Byzantine clients in this round's cohort"),
     "byzantine_selected": ("i8", "Byzantine updates the aggregator used (see /clients/selected)"),
+    "epsilon": ("f8", "privacy spent so far (RDP; sample-level DP: the max over clients)"),
+    "epsilon_median": ("f8", "sample-level and local DP: median over all clients of their epsilon"),
+    "delta": ("f8", "the delta epsilon is computed for"),
+    "noise_multiplier": ("f8", "sigma (sample-level) or z (client-level)"),
+    "clip_norm": ("f8", "C (per-example clip) or S (update clip)"),
+    "clipped_fraction": ("f8", "share of per-example gradients (sample) or client updates (client modes) that were clipped"),
     "wall_s": ("f8", "wall-clock seconds of the whole round on rank 0"),
     "train_s": ("f8", "seconds the slowest rank spent training its clients"),
     "comm_s": ("f8", "seconds of broadcast and gather not spent training (wait + transfer)"),
@@ -48,6 +54,7 @@ CLIENT_FIELDS = {
     "byzantine": ("bool", "the client is one of the run's Byzantine clients"),
     "selected": ("bool", "the aggregate used this slot's update (after pre-aggregation, through the rows it went into)"),
     "score": ("f8", "the aggregator's score for the slot (Krum score, kept fraction, weight...); NaN where the rule has none"),
+    "clipped_fraction": ("f8", "DP: share of this client's per-example gradients clipped (sample), or 1/0 for its update"),
 }
 
 
@@ -89,6 +96,9 @@ class ResultsWriter:
             model.create_dataset("snapshots", shape=(0, size), maxshape=(None, size), dtype="f4",
                                  chunks=(chunk_rows, size))
             model.create_dataset("snapshot_round", shape=(0,), maxshape=(None,), dtype="i8", chunks=(256,))
+        for name in ("epsilon", "epsilon_median"):
+            f.create_dataset(f"privacy/{name}", data=np.float64(np.nan))
+        f.create_dataset("privacy/accountant", data=np.bytes_(""), dtype="S8")
         f.create_dataset("run/finished", data=np.int8(0))
         f.create_dataset("run/wall_s", data=np.float64(np.nan))
         f.swmr_mode = True
@@ -114,7 +124,9 @@ class ResultsWriter:
         self._append(self.f["model/snapshot_round"], [round_index])
         self.f.flush()
 
-    def finish(self, round_index: int, weights: np.ndarray) -> None:
+    def finish(self, round_index: int, weights: np.ndarray, privacy: dict | None = None) -> None:
+        for name, value in (privacy or {}).items():
+            self.f["privacy"][name][()] = np.bytes_(value) if isinstance(value, str) else value
         self.f["model/final"][:] = weights
         self.f["model/final_round"][()] = round_index
         self.f["run/wall_s"][()] = time.perf_counter() - self._start

@@ -64,6 +64,18 @@ def resolve(args: argparse.Namespace, rank: int) -> Config:
     return cfg
 
 
+def calibrate(cfg: Config, data, quiet: bool) -> float:
+    """Rank 0: the noise multiplier meeting privacy.target_epsilon, printed."""
+    from .privacy import calibrate_for_run
+
+    p = cfg.privacy
+    sigma = calibrate_for_run(cfg, data.client_sizes())
+    if not quiet:
+        print(f"privacy: noise multiplier {sigma:.4f} calibrated for epsilon {p.target_epsilon:g} at delta {p.delta:g} "
+              f"({p.mode}, {p.accountant.upper()} accountant)", flush=True)
+    return sigma
+
+
 def check_model(cfg: Config, data) -> None:
     if cfg.model.name == "cnn":
         shape = data.input_shape
@@ -76,7 +88,7 @@ def main(argv: list | None = None) -> int:
     args = parse_args(argv)
     prepare_environment()
     rank = launcher_rank()
-    cfg, data, error = None, None, None
+    cfg, data, error, calibrated = None, None, None, None
     try:
         cfg = resolve(args, rank)
         if args.print_config:
@@ -85,6 +97,8 @@ def main(argv: list | None = None) -> int:
             return 0
         data = data_mod.load(cfg, need_train=True, need_test=rank == 0)
         check_model(cfg, data)
+        if rank == 0 and cfg.privacy.target_epsilon is not None:
+            calibrated = calibrate(cfg, data, args.quiet)
     except ConfigError as exc:
         kind = "data error" if isinstance(exc, data_mod.DataError) else "config error"
         error = f"{kind}: {exc}"
@@ -94,8 +108,8 @@ def main(argv: list | None = None) -> int:
     except RuntimeError as exc:
         print(f"fedmpi: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    errors = comm.allgather(error)
-    failed = [(r, e) for r, e in enumerate(errors) if e]
+    statuses = comm.allgather((error, calibrated))
+    failed = [(r, e) for r, (e, _) in enumerate(statuses) if e]
     if failed:
         if comm.rank == 0:
             r, message = failed[0]
@@ -103,6 +117,8 @@ def main(argv: list | None = None) -> int:
             print(f"fedmpi: {message}{where}", file=sys.stderr, flush=True)
         comm.close()
         return EXIT_BAD_INPUT
+    if statuses[0][1] is not None:  # rank 0 calibrated the noise for a target epsilon
+        cfg.privacy.noise_multiplier = statuses[0][1]
 
     try:
         _run_role(cfg, comm, data, args.quiet)
@@ -126,6 +142,15 @@ def _run_attrs(cfg: Config, data) -> dict:
              "byzantine_clients": byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients)}
     if data.norm_mean is not None:
         attrs["data_norm_mean"], attrs["data_norm_std"] = data.norm_mean, data.norm_std
+    p = cfg.privacy
+    attrs["dp_mode"] = p.mode
+    if p.mode != "none":
+        attrs["dp_accountant"] = f"{p.accountant} (final); rdp (per round)"
+        if p.mode == "client_central" and cfg.clients.sampling == "fixed":
+            attrs["dp_accountant"] = "rdp, sampling without replacement, replace-one neighbours"
+        attrs["dp_noise_multiplier"] = p.noise_multiplier
+        attrs["dp_delta"] = p.delta
+        attrs["dp_clip_norm"] = p.max_grad_norm
     return attrs
 
 
@@ -135,6 +160,10 @@ def _run_role(cfg: Config, comm, data, quiet: bool) -> None:
     from .models import FlatModel, build_model, init_weights, layout
 
     torch.set_num_threads(cfg.threads)
+    p = cfg.privacy
+    if comm.rank == 0 and p.mode == "sample" and p.batch_sampling == "shuffle" and not quiet:
+        print("fedmpi: warning: privacy.batch_sampling = shuffle uses fixed-size batches, but the privacy "
+              "accounting assumes Poisson sampling; the reported epsilon is then an approximation", flush=True)
     module = build_model(cfg.model, data.input_shape, data.num_classes)
     model = FlatModel(module)
     if comm.rank != 0:

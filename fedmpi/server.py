@@ -2,13 +2,14 @@
 
 :func:`run_server` runs every round as follows:
 
-1. sample the cohort: ``clients.per_round`` distinct ids from the keyed
-   generator (seed, "cohort", round), sorted;
+1. sample the cohort from the keyed generator (seed, "cohort", round):
+   ``clients.per_round`` distinct ids, or Poisson sampling;
 2. broadcast the header, the cohort and the global weights (flat float32);
 3. gather the (K, d) float32 update rows, in cohort order, and the per-client
    records (with one process, train them here instead);
 4. let omniscient attackers (ALIE, IPM) replace the Byzantine rows, run the
-   pre-aggregation steps and the aggregator, and step the server optimizer;
+   pre-aggregation steps and the aggregator (or clip, sum and add noise for
+   central client-level DP), step the server optimizer, account privacy;
 5. evaluate, append the round to the HDF5 file (flushed), print one line.
 
 After the last round the workers get a STOP header and the final model is written.
@@ -32,9 +33,13 @@ from .worker import CMD_ROUND, CMD_STOP, META, META_FIELDS, ClientHost, slot_cou
 
 
 def sample_cohort(cfg: Config, round_index: int) -> np.ndarray:
-    """The round's cohort: sorted distinct client ids, keyed by (seed, round)."""
+    """The round's cohort, sorted, keyed by (seed, round): ``per_round`` distinct ids
+    (fixed), or every client independently with rate per_round / total (poisson)."""
+    c = cfg.clients
     g = seeding.rng(cfg.seed, "cohort", round_index)
-    return np.sort(g.choice(cfg.clients.total, size=cfg.clients.per_round, replace=False)).astype(np.int64)
+    if c.sampling == "poisson":
+        return np.flatnonzero(g.random(c.total) < c.per_round / c.total).astype(np.int64)
+    return np.sort(g.choice(c.total, size=c.per_round, replace=False)).astype(np.int64)
 
 
 class RoundAggregator:
@@ -113,61 +118,135 @@ def omniscient_attack(cfg: Config, params: dict, updates: np.ndarray, byzantine:
     attacks.apply_omniscient_attack(cfg.attack.name, params, updates, byzantine)
 
 
-def run_server(cfg: Config, comm, data: FederatedData, model: FlatModel, weights: np.ndarray,
-               writer: ResultsWriter, quiet: bool = False) -> np.ndarray:
-    """Run all rounds from ``weights``; return the final global weights."""
-    d = model.size
-    optimizer = ServerOptimizer(cfg.server, d)
-    host = ClientHost(cfg, data, model) if comm.size == 1 else None
-    header = np.zeros(3, dtype=np.int64)
-    no_rows = np.empty((0, d), dtype=np.float32)
-    no_meta = np.empty((0, len(META_FIELDS)))
-    updates = np.empty((cfg.clients.per_round, d), dtype=np.float32)
-    meta = np.empty((cfg.clients.per_round, len(META_FIELDS)))
-    aggregate = RoundAggregator(cfg, d)
-    a = cfg.attack
-    byzantine_ids = attacks.byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients)
-    attack_params = attacks.resolved_params(a.name, a.params, cfg.clients.per_round)
-    run_start = time.perf_counter()
-    for r in range(cfg.rounds):
+def central_dp_aggregate(cfg: Config, updates: np.ndarray, round_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """DP-FedAvg with a trusted server (McMahan et al. 2018): clip every row to S
+    (here, so the bound holds whatever clients send), sum, add N(0, z^2 S^2) keyed
+    by (seed, "server_noise", round), divide by the expected cohort size. Returns
+    (aggregate, which rows were clipped)."""
+    from .privacy import clip_update
+
+    p = cfg.privacy
+    clipped = np.array([clip_update(row, p.max_grad_norm) for row in updates], dtype=bool)
+    total = aggregation.weighted_sum(updates, np.ones(len(updates))) if len(updates) else np.zeros(updates.shape[1])
+    noise = seeding.rng(cfg.seed, "server_noise", round_index).standard_normal(updates.shape[1])
+    return (total + p.noise_multiplier * p.max_grad_norm * noise) / cfg.clients.per_round, clipped
+
+
+class ServerLoop:
+    """Rank 0's state for a run: global weights, server optimizer, aggregator and
+    privacy accountant, plus the buffers the rows are gathered into."""
+
+    def __init__(self, cfg: Config, comm, data: FederatedData, model: FlatModel, weights: np.ndarray,
+                 writer: ResultsWriter, quiet: bool = False):
+        self.cfg, self.comm, self.data, self.model = cfg, comm, data, model
+        self.weights, self.writer, self.quiet = weights, writer, quiet
+        self.optimizer = ServerOptimizer(cfg.server, model.size)
+        self.aggregate = RoundAggregator(cfg, model.size)
+        self.host = ClientHost(cfg, data, model) if comm.size == 1 else None
+        a = cfg.attack
+        self.byzantine_ids = attacks.byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients)
+        self.attack_params = attacks.resolved_params(a.name, a.params, cfg.clients.per_round)
+        self.accountant = None
+        if cfg.privacy.mode != "none":
+            from .privacy import RunAccountant
+
+            self.accountant = RunAccountant(cfg)
+        self.header = np.zeros(3, dtype=np.int64)
+        self.no_rows = np.empty((0, model.size), dtype=np.float32)
+        self.no_meta = np.empty((0, len(META_FIELDS)))
+        self.last_accuracy = np.nan
+
+    def run(self, start_round: int = 0) -> np.ndarray:
+        run_start = time.perf_counter()
+        for r in range(start_round, self.cfg.rounds):
+            self.run_round(r)
+        self.header[:] = (CMD_STOP, 0, 0)
+        self.comm.bcast(self.header)
+        self.writer.finish(self.cfg.rounds - 1, self.weights, self.final_privacy())
+        if not self.quiet:
+            print(f"done: {self.cfg.rounds - start_round} rounds in {time.perf_counter() - run_start:.1f} s; "
+                  f"final test accuracy {self.last_accuracy:.4f}; results in {self.writer.path}", flush=True)
+        return self.weights
+
+    def final_privacy(self) -> dict:
+        if self.accountant is None:
+            return {}
+        eps, eps_median, used = self.accountant.final()
+        p = self.cfg.privacy
+        if not self.quiet:
+            print(f"privacy: epsilon {eps:.4g} (median over clients {eps_median:.4g}) at delta {p.delta:g}, "
+                  f"{used.upper()} accountant, noise multiplier {p.noise_multiplier:.4g}", flush=True)
+        return {"epsilon": eps, "epsilon_median": eps_median, "accountant": used}
+
+    def gather(self, r: int, cohort: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
+        k, d = len(cohort), self.model.size
+        self.header[:] = (CMD_ROUND, r, k)
+        self.comm.bcast(self.header)
+        self.comm.bcast(cohort)
+        self.comm.bcast(self.weights)
+        counts = slot_counts(k, self.comm.size)
+        updates = np.empty((k, d), dtype=np.float32)
+        meta = np.zeros((k, len(META_FIELDS)))
+        if self.host is not None:
+            self.host.train_slots(r, cohort, self.weights, updates, meta)
+        else:
+            self.comm.gather_rows(self.no_rows, updates, counts)
+            self.comm.gather_rows(self.no_meta, meta, counts)
+        return updates, meta, counts
+
+    def run_round(self, r: int) -> None:
+        cfg = self.cfg
         t0 = time.perf_counter()
         cohort = sample_cohort(cfg, r)
         k = len(cohort)
-        header[:] = (CMD_ROUND, r, k)
-        comm.bcast(header)
-        comm.bcast(cohort)
-        comm.bcast(weights)
-        counts = slot_counts(k, comm.size)
-        if host is not None:
-            host.train_slots(r, cohort, weights, updates, meta)
-        else:
-            comm.gather_rows(no_rows, updates, counts)
-            comm.gather_rows(no_meta, meta, counts)
+        updates, meta, counts = self.gather(r, cohort)
         t1 = time.perf_counter()
 
         samples = meta[:, META["num_samples"]]
-        byzantine = np.isin(cohort, byzantine_ids)
-        omniscient_attack(cfg, attack_params, updates, byzantine)
-        norms = aggregation.row_norms(updates)
-        vector, selected, scores = aggregate(updates, samples, r)
-        optimizer.step(weights, vector)
+        byzantine = np.isin(cohort, self.byzantine_ids)
+        omniscient_attack(cfg, self.attack_params, updates, byzantine)
+        norms = aggregation.row_norms(updates) if k else np.empty(0)
+        scores = np.full(k, np.nan)
+        clipped = meta[:, META["clipped_fraction"]]
+        if cfg.privacy.mode == "client_central":
+            vector, was_clipped = central_dp_aggregate(cfg, updates, r)
+            clipped = was_clipped.astype(np.float64)
+            selected = np.ones(k, dtype=bool)
+        elif k:
+            vector, selected, scores = self.aggregate(updates, samples, r)
+        else:  # an empty Poisson cohort leaves the model as it is
+            vector, selected = np.zeros(self.model.size), np.zeros(0, dtype=bool)
+        self.optimizer.step(self.weights, vector)
+        epsilon = epsilon_median = np.nan
+        if self.accountant is not None:
+            epsilon, epsilon_median = self.accountant.after_round(cohort, samples)
         t2 = time.perf_counter()
 
-        last = r == cfg.rounds - 1
         test_loss = test_acc = np.nan
-        if last or (r + 1) % cfg.eval.every == 0:
-            test_loss, test_acc = evaluate(model, weights, data.x_test, data.y_test, cfg.eval.batch_size)
+        if r == cfg.rounds - 1 or (r + 1) % cfg.eval.every == 0:
+            test_loss, test_acc = evaluate(self.model, self.weights, self.data.x_test, self.data.y_test,
+                                           cfg.eval.batch_size)
+            self.last_accuracy = test_acc
         t3 = time.perf_counter()
 
         offsets = np.cumsum([0] + counts)
-        per_rank_train = [meta[offsets[i]:offsets[i + 1], META["train_s"]].sum() for i in range(len(counts))]
-        train_s = max(per_rank_train)
+        train_s = max(meta[offsets[i]:offsets[i + 1], META["train_s"]].sum() for i in range(len(counts)))
         train_loss = float(np.average(meta[:, META["train_loss"]], weights=samples)) if samples.sum() else np.nan
-        writer.append_round(
+        p = cfg.privacy
+        dp = p.mode != "none"
+        if p.mode == "sample":
+            seen = samples * meta[:, META["steps"]]
+            clipped_round = float(np.average(clipped, weights=seen)) if seen.sum() else np.nan
+        else:
+            clipped_round = float(clipped.mean()) if dp and k else np.nan
+        self.writer.append_round(
             {
                 "round": r, "cohort_size": k, "test_accuracy": test_acc, "test_loss": test_loss,
                 "train_loss": train_loss, "update_norm": float(np.linalg.norm(vector)),
                 "byzantine_in_cohort": int(byzantine.sum()), "byzantine_selected": int((byzantine & selected).sum()),
+                "epsilon": epsilon, "epsilon_median": epsilon_median, "delta": p.delta if dp else np.nan,
+                "noise_multiplier": p.noise_multiplier if dp else np.nan,
+                "clip_norm": p.max_grad_norm if dp else np.nan, "clipped_fraction": clipped_round,
                 "wall_s": time.perf_counter() - t0, "train_s": train_s,
                 "comm_s": max(0.0, (t1 - t0) - train_s), "aggregate_s": t2 - t1, "eval_s": t3 - t2,
             },
@@ -176,18 +255,19 @@ def run_server(cfg: Config, comm, data: FederatedData, model: FlatModel, weights
                 "num_samples": samples.astype(np.int64), "update_norm": norms,
                 "train_loss": meta[:, META["train_loss"]], "steps": meta[:, META["steps"]].astype(np.int64),
                 "train_s": meta[:, META["train_s"]], "byzantine": byzantine, "selected": selected, "score": scores,
+                "clipped_fraction": clipped,
             },
         )
-        if writer.snapshot_every and (r + 1) % writer.snapshot_every == 0:
-            writer.snapshot(r, weights)
-        if not quiet:
+        if self.writer.snapshot_every and (r + 1) % self.writer.snapshot_every == 0:
+            self.writer.snapshot(r, self.weights)
+        if not self.quiet:
             acc = f"acc {test_acc:.4f}  loss {test_loss:.4f}" if np.isfinite(test_acc) else "acc    -    loss    -   "
-            print(f"round {r + 1:>{len(str(cfg.rounds))}}/{cfg.rounds}  {acc}  train_loss {train_loss:.4f}  "
+            eps = f"  eps {epsilon:.3g}" if dp else ""
+            print(f"round {r + 1:>{len(str(cfg.rounds))}}/{cfg.rounds}  {acc}  train_loss {train_loss:.4f}{eps}  "
                   f"{time.perf_counter() - t0:.2f} s", flush=True)
-    header[:] = (CMD_STOP, 0, 0)
-    comm.bcast(header)
-    writer.finish(cfg.rounds - 1, weights)
-    if not quiet:
-        print(f"done: {cfg.rounds} rounds in {time.perf_counter() - run_start:.1f} s; "
-              f"final test accuracy {test_acc:.4f}; results in {writer.path}", flush=True)
-    return weights
+
+
+def run_server(cfg: Config, comm, data: FederatedData, model: FlatModel, weights: np.ndarray,
+               writer: ResultsWriter, quiet: bool = False) -> np.ndarray:
+    """Run all rounds from ``weights``; return the final global weights."""
+    return ServerLoop(cfg, comm, data, model, weights, writer, quiet).run()

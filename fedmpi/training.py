@@ -2,8 +2,15 @@
 
 A client receives the global weights w, runs ``train.epochs`` epochs of
 minibatch SGD (optional momentum and weight decay, torch.optim.SGD semantics)
-over its own shard in an order drawn from its key (seed, "shuffle", round,
-client id), and returns its update ``w_local - w`` as float32.
+over its own shard and returns its update ``w_local - w`` as float32.
+
+Batches: without DP, a shuffled pass per epoch in an order drawn from the
+client's key (seed, "shuffle", round, client id). With sample-level DP
+(``privacy.mode: sample``), round(n / B) Poisson-sampled batches per epoch,
+each example included with probability q = B / n, and every step is a DP-SGD
+step (Abadi et al. 2016): per-example gradients clipped to C, summed, noise
+N(0, sigma^2 C^2) from the key (seed, "dp_noise", round, client id), divided by
+the expected batch size q n.
 """
 
 from __future__ import annotations
@@ -24,6 +31,14 @@ class ClientResult:
     num_samples: int
     train_loss: float
     steps: int
+    clipped_fraction: float = float("nan")  # DP-SGD: share of per-example gradients clipped
+
+
+def dp_schedule(num_samples: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """(sample rate q, DP-SGD steps per participation) for a client holding ``num_samples``."""
+    if num_samples <= 0:
+        return 0.0, 0
+    return min(1.0, batch_size / num_samples), epochs * max(1, round(num_samples / batch_size))
 
 
 class LocalTrainer:
@@ -33,11 +48,31 @@ class LocalTrainer:
         self.model = model
         self.cfg = cfg
         self.momentum_buffer = torch.zeros_like(model.flat)
+        self.dp = cfg.privacy.mode == "sample"
+        if self.dp:
+            from .privacy import PerExampleGradients
+
+            self.per_example = PerExampleGradients(model.module)
+            self.grad_views = [p.grad for p in model.module.parameters()]
+            self.noise = torch.empty_like(model.flat)
+
+    def _batches(self, n: int, gen: torch.Generator):
+        t = self.cfg.train
+        if self.dp and self.cfg.privacy.batch_sampling == "poisson":
+            q, steps = dp_schedule(n, t.batch_size, t.epochs)
+            for _ in range(steps):
+                yield torch.nonzero(torch.rand(n, generator=gen) < q).squeeze(1), q * n
+            return
+        for _ in range(t.epochs):
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n, t.batch_size):
+                idx = order[start:start + t.batch_size]
+                yield idx, len(idx)
 
     def train(self, global_weights: np.ndarray, x: np.ndarray, y: np.ndarray, round_index: int,
               client_id: int, out: np.ndarray) -> ClientResult:
         """Train one client from ``global_weights``; write its update into ``out``."""
-        t = self.cfg.train
+        t, p = self.cfg.train, self.cfg.privacy
         model, flat, grad = self.model.module, self.model.flat, self.model.grad
         self.model.set_weights(global_weights)
         n = len(y)
@@ -46,30 +81,45 @@ class LocalTrainer:
             return ClientResult(0, float("nan"), 0)
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)
         gen = torch.Generator().manual_seed(seeding.torch_seed(self.cfg.seed, "shuffle", round_index, client_id))
+        if self.dp:
+            noise_gen = torch.Generator().manual_seed(seeding.torch_seed(self.cfg.seed, "dp_noise", round_index, client_id))
+            noise_std = p.noise_multiplier * p.max_grad_norm
         buf = self.momentum_buffer
-        loss_sum, steps = 0.0, 0
-        for _ in range(t.epochs):
-            order = torch.randperm(n, generator=gen)
-            for start in range(0, n, t.batch_size):
-                idx = order[start:start + t.batch_size]
+        loss_sum, seen, clipped, steps = 0.0, 0, 0, 0
+        for idx, expected_size in self._batches(n, gen):
+            if self.dp:
+                if len(idx):
+                    norms, batch_loss = self.per_example.compute(xt[idx], yt[idx], F.cross_entropy, p.max_grad_norm,
+                                                                 self.grad_views)
+                    clipped += int((norms > p.max_grad_norm).sum())
+                else:
+                    grad.zero_()
+                    batch_loss = 0.0
+                torch.randn(grad.shape, generator=noise_gen, out=self.noise)
+                grad.add_(self.noise, alpha=noise_std)
+                grad.div_(expected_size)
+            else:
                 grad.zero_()
                 loss = F.cross_entropy(model(xt[idx]), yt[idx])
                 loss.backward()
-                with torch.no_grad():
-                    if t.weight_decay:
-                        grad.add_(flat, alpha=t.weight_decay)
-                    if t.momentum:
-                        if steps == 0:
-                            buf.copy_(grad)
-                        else:
-                            buf.mul_(t.momentum).add_(grad)
-                        flat.add_(buf, alpha=-t.lr)
+                batch_loss = loss.item() * len(idx)
+            with torch.no_grad():
+                if t.weight_decay:
+                    grad.add_(flat, alpha=t.weight_decay)
+                if t.momentum:
+                    if steps == 0:
+                        buf.copy_(grad)
                     else:
-                        flat.add_(grad, alpha=-t.lr)
-                loss_sum += loss.item() * len(idx)
-                steps += 1
+                        buf.mul_(t.momentum).add_(grad)
+                    flat.add_(buf, alpha=-t.lr)
+                else:
+                    flat.add_(grad, alpha=-t.lr)
+            loss_sum += batch_loss
+            seen += len(idx)
+            steps += 1
         np.subtract(flat.numpy(), global_weights, out=out)
-        return ClientResult(n, loss_sum / (n * t.epochs), steps)
+        return ClientResult(n, loss_sum / seen if seen else float("nan"), steps,
+                            clipped / seen if self.dp and seen else float("nan"))
 
 
 def evaluate(model: FlatModel, weights: np.ndarray, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:

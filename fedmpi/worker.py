@@ -19,14 +19,14 @@ import time
 
 import numpy as np
 
-from . import attacks
+from . import attacks, seeding
 from .config import Config
 from .data import FederatedData
 from .models import FlatModel
 from .training import LocalTrainer
 
 CMD_STOP, CMD_ROUND = 0, 1
-META_FIELDS = ("num_samples", "train_loss", "steps", "train_s")
+META_FIELDS = ("num_samples", "train_loss", "steps", "train_s", "clipped_fraction")
 META = {name: i for i, name in enumerate(META_FIELDS)}
 
 
@@ -61,13 +61,29 @@ class ClientHost:
             if byzantine and self.cfg.attack.name == "label_flip":
                 y = attacks.flip_labels(y, self.data.num_classes)
             result = self.trainer.train(weights, x, y, round_index, cid, rows[i])
-            if byzantine:
+            clipped_fraction = result.clipped_fraction
+            if byzantine:  # a Byzantine client sends what it likes, privacy protocol or not
                 attacks.apply_update_attack(self.cfg.attack.name, self.attack_params, rows[i], self.cfg.seed,
                                             round_index, cid)
+            elif self.cfg.privacy.mode == "client_local":
+                clipped_fraction = float(self.privatise_update(rows[i], round_index, cid))
+            meta[i, META["clipped_fraction"]] = clipped_fraction
             meta[i, META["num_samples"]] = result.num_samples
             meta[i, META["train_loss"]] = result.train_loss
             meta[i, META["steps"]] = result.steps
             meta[i, META["train_s"]] = time.perf_counter() - start
+
+
+    def privatise_update(self, row: np.ndarray, round_index: int, client_id: int) -> bool:
+        """Local client-level DP: clip the update to S, add N(0, z^2 S^2) from the
+        client's key. Returns whether the update was clipped."""
+        from .privacy import clip_update
+
+        p = self.cfg.privacy
+        clipped = clip_update(row, p.max_grad_norm)
+        noise = seeding.rng(self.cfg.seed, "dp_noise", round_index, client_id).standard_normal(row.size)
+        row += (p.noise_multiplier * p.max_grad_norm * noise).astype(np.float32)
+        return clipped
 
 
 def run_worker(cfg: Config, comm, data: FederatedData, model: FlatModel) -> None:

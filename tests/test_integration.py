@@ -52,7 +52,7 @@ def test_results_file_layout(digits_run):
         assert f.attrs["seed"] == 0
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", f.attrs["start_time"])
         cfg = yaml.safe_load(f.attrs["config"])
-        assert cfg["clients"] == {"total": 16, "per_round": 16}
+        assert cfg["clients"] == {"total": 16, "per_round": 16, "sampling": "fixed"}
         assert cfg["data"]["normalize"] == "standard"  # resolved, not the null default
         # one /clients row per round and cohort slot
         rounds = f["clients/round"][:]
