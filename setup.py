@@ -9,6 +9,7 @@ HERE = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "fedmpi" / "__init__.py").read_text()).group(1)
 
 MPI = ["mpi4py>=3.1", "mpich"]  # a self-contained MPI from PyPI; clusters build mpi4py against their own MPI
+ANALYSIS = ["pandas>=1.5", "matplotlib>=3.5"]  # python -m fedmpi.analyze, fedmpi.results.load
 
 setup(
     name="fedmpi",
@@ -30,7 +31,8 @@ setup(
     ],
     extras_require={
         "mpi": MPI,
-        "test": MPI + ["pytest>=7", "scipy"],
+        "analysis": ANALYSIS,
+        "test": MPI + ANALYSIS + ["pytest>=7", "scipy"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -144,3 +144,128 @@ def open_results(path: str):
     import h5py
 
     return h5py.File(path, "r", libver="latest", swmr=True)
+
+
+class ResultsError(ValueError):
+    """A file that is not a readable fedmpi results file; ``str()`` names the file."""
+
+
+def open_checked(path: str):
+    """:func:`open_results`, turning every way a file can be unusable into one ResultsError line."""
+    import h5py
+
+    if not os.path.exists(path):
+        raise ResultsError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ResultsError(f"{path}: is a directory")
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+    except OSError as exc:
+        raise ResultsError(f"{path}: cannot be read ({exc})") from None
+    if not is_hdf5:
+        raise ResultsError(f"{path}: not an HDF5 file")
+    _check_not_truncated(path)
+    try:
+        f = open_results(path)
+    except OSError as exc:
+        detail = " ".join(str(exc).split())
+        raise ResultsError(f"{path}: HDF5 file cannot be opened, truncated or corrupt? ({detail})") from None
+    if "fedmpi_version" not in f.attrs or "rounds" not in f:
+        f.close()
+        raise ResultsError(f"{path}: HDF5 file but not fedmpi results (no fedmpi_version attribute or /rounds group)")
+    return f
+
+
+def _check_not_truncated(path: str) -> None:
+    """Compare the file size with the end-of-file address in a version 2/3 superblock
+    (what libver="latest" writes). SWMR readers skip that check and would wait on
+    the missing bytes; a writer grows the file before it records a larger EOF."""
+    with open(path, "rb") as fh:
+        head = fh.read(48)
+    if len(head) < 12 or head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (2, 3):
+        return
+    size_of_offsets = head[9]
+    start = 12 + 2 * size_of_offsets
+    if len(head) < start + size_of_offsets:
+        raise ResultsError(f"{path}: truncated HDF5 file (superblock incomplete)")
+    stored_eof = int.from_bytes(head[start:start + size_of_offsets], "little")
+    actual = os.path.getsize(path)
+    if actual < stored_eof:
+        raise ResultsError(f"{path}: truncated HDF5 file ({actual} bytes, its superblock says {stored_eof})")
+
+
+def _table(group, fields: dict):
+    """The group's 1-D datasets as a DataFrame, cut to the length all of them have
+    (a writer may be between the resizes of one row)."""
+    import pandas as pd
+
+    names = [n for n in fields if n in group]
+    for name in names:
+        group[name].refresh()
+    length = min((group[n].shape[0] for n in names), default=0)
+    return pd.DataFrame({n: group[n][:length] for n in names})
+
+
+class RunResults:
+    """One run's results, as :func:`load` returns them.
+
+    ``config``: the resolved config (dict); ``attrs``: root attributes;
+    ``rounds``: DataFrame, one row per finished round; ``clients``: DataFrame,
+    one row per round and cohort slot; ``final_model``: the last global weights
+    the file holds (``/model/final`` once the run finished, else the latest
+    snapshot or checkpoint, else None) and ``final_model_round`` its round;
+    ``finished``; ``privacy``: the final epsilon record (empty without DP).
+    """
+
+    def __init__(self, path, config, attrs, rounds, clients, final_model, final_model_round, finished, privacy, layout):
+        self.path, self.config, self.attrs = path, config, attrs
+        self.rounds, self.clients = rounds, clients
+        self.final_model, self.final_model_round = final_model, final_model_round
+        self.finished, self.privacy, self.layout = finished, privacy, layout
+
+    def __repr__(self) -> str:
+        return (f"RunResults({self.path!r}, rounds={len(self.rounds)}, clients={len(self.clients)}, "
+                f"finished={self.finished})")
+
+
+def load(path: str) -> RunResults:
+    """Read a results file: finished, still being written, or left by a killed job."""
+    import yaml
+
+    with open_checked(path) as f:
+        try:
+            config = yaml.safe_load(f.attrs["config"]) or {}
+            attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in f.attrs.items() if k != "config"}
+            rounds = _table(f["rounds"], ROUND_FIELDS)
+            clients = _table(f["clients"], CLIENT_FIELDS)
+            model = f["model"]
+            layout = json.loads(model.attrs["layout"])
+            for name in ("final", "final_round"):
+                model[name].refresh()
+            final_round = int(model["final_round"][()])
+            final, final_at = None, None
+            if final_round >= 0:
+                final, final_at = model["final"][:], final_round
+            else:
+                for group, weights, at in (("checkpoint", "weights", "round"), ("model", "snapshots", "snapshot_round")):
+                    if group in f and weights in f[group]:
+                        f[group][weights].refresh()
+                        f[group][at].refresh()
+                        ds, rounds_ds = f[group][weights], f[group][at]
+                        if ds.ndim == 2 and ds.shape[0] and (final_at is None or rounds_ds[-1] > final_at):
+                            final, final_at = ds[-1], int(rounds_ds[-1])
+                        elif ds.ndim == 1 and int(rounds_ds[()]) >= 0 and (final_at is None or rounds_ds[()] > final_at):
+                            final, final_at = ds[:], int(rounds_ds[()])
+            f["run/finished"].refresh()
+            finished = bool(f["run/finished"][()])
+            privacy = {}
+            if "privacy" in f and f.attrs.get("dp_mode", "none") != "none":
+                for name in ("epsilon", "epsilon_median", "accountant"):
+                    if name not in f["privacy"]:
+                        continue
+                    f["privacy"][name].refresh()
+                    value = f["privacy"][name][()]
+                    privacy[name] = value.decode() if isinstance(value, bytes) else float(value)
+        except (KeyError, OSError, ValueError) as exc:
+            raise ResultsError(f"{path}: fedmpi results file is incomplete or damaged ({type(exc).__name__}: {exc})") from None
+    return RunResults(path, config, attrs, rounds, clients, final, final_at, finished, privacy, layout)

@@ -1,0 +1,367 @@
+"""``python -m fedmpi.analyze FILE_OR_DIR ... [--csv PATH] [--plot DIR] [--follow FILE]``
+
+Post-hoc analysis of results files:
+
+- a summary table, one row per run: the config keys that differ between the
+  runs, final and best test accuracy, rounds, epsilon, wall time, and for
+  attacked runs the aggregator's precision and recall at excluding Byzantine
+  updates (precision: excluded updates that were Byzantine / excluded updates;
+  recall: Byzantine updates excluded / Byzantine updates);
+- sweeps: runs that differ only in ``seed`` are grouped, with mean and standard
+  deviation over the seeds (``--no-group`` to list every run);
+- ``--plot DIR``: accuracy and loss per round (runs overlaid, labelled by their
+  differing keys), accuracy against epsilon, a rounds x cohort-slot map of what
+  the aggregator kept with Byzantine slots marked, update-norm distributions of
+  honest and Byzantine clients;
+- ``--follow FILE``: print each round of a run as it is written, until it ends.
+
+A file that cannot be used gets one line naming it (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from .results import ResultsError, RunResults, _check_not_truncated, load
+
+IGNORED_KEYS = ("output.path", "output.overwrite")
+EXIT_BAD_INPUT = 2
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def find_files(paths: list[str]) -> list[str]:
+    """Expand directories into the .h5 files below them (sorted); files pass through."""
+    out = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+                           if name.endswith((".h5", ".hdf5")))
+            if not found:
+                raise ResultsError(f"{path}: directory holds no .h5 results files")
+            out.extend(found)
+        else:
+            out.append(path)
+    return out
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """Nested config -> {"a.b.c": value}; lists and small mappings stay values."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key != "params":
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def differing_keys(runs: list[RunResults]) -> list[str]:
+    flats = [flatten(r.config) for r in runs]
+    keys = sorted(set().union(*flats)) if flats else []
+    return [k for k in keys if k not in IGNORED_KEYS and len({repr(f.get(k)) for f in flats}) > 1]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return str(value).replace(" ", "")
+    return str(value)
+
+
+def label(run: RunResults, keys: list[str]) -> str:
+    flat = flatten(run.config)
+    text = ", ".join(f"{k}={_fmt(flat.get(k))}" for k in keys)
+    return text or os.path.basename(run.path)
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def exclusion_scores(clients) -> tuple[float, float]:
+    """(precision, recall) of the aggregator at excluding Byzantine updates, over
+    every (round, slot) record; NaN where undefined."""
+    if clients.empty or "byzantine" not in clients or "selected" not in clients:
+        return math.nan, math.nan
+    byz = clients["byzantine"].to_numpy(bool)
+    excluded = ~clients["selected"].to_numpy(bool)
+    caught = int((byz & excluded).sum())
+    precision = caught / excluded.sum() if excluded.sum() else math.nan
+    recall = caught / byz.sum() if byz.sum() else math.nan
+    return precision, recall
+
+
+def summarise(run: RunResults) -> dict:
+    """The numbers of one run's summary row."""
+    rounds = run.rounds
+    acc = rounds["test_accuracy"].to_numpy() if "test_accuracy" in rounds else np.array([])
+    evaluated = acc[np.isfinite(acc)]
+    precision, recall = exclusion_scores(run.clients)
+    attacked = bool(run.attrs.get("byzantine_clients")) if run.attrs.get("byzantine_clients") is not None else False
+    eps = run.privacy.get("epsilon", math.nan) if run.finished else math.nan
+    if not np.isfinite(eps) and "epsilon" in rounds and len(rounds):
+        eps = float(rounds["epsilon"].iloc[-1])
+    wall = float(rounds["wall_s"].sum()) if "wall_s" in rounds else math.nan
+    return {
+        "file": run.path,
+        "rounds": len(rounds),
+        "finished": run.finished,
+        "final_accuracy": float(evaluated[-1]) if len(evaluated) else math.nan,
+        "best_accuracy": float(evaluated.max()) if len(evaluated) else math.nan,
+        "epsilon": float(eps),
+        "wall_s": wall,
+        "byzantine_precision": precision if attacked else math.nan,
+        "byzantine_recall": recall if attacked else math.nan,
+    }
+
+
+NUMERIC = ("final_accuracy", "best_accuracy", "epsilon", "wall_s", "byzantine_precision", "byzantine_recall")
+
+
+def summary_table(runs: list[RunResults], group: bool = True):
+    """One row per run (or per group of runs that differ only in seed, with
+    mean and std over the seeds), with the differing config keys as columns."""
+    import pandas as pd
+
+    keys = differing_keys(runs)
+    rows = []
+    for run in runs:
+        flat = flatten(run.config)
+        row = {k: _fmt(flat.get(k)) for k in keys}
+        row.update(summarise(run))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    group_keys = [k for k in keys if k != "seed"]
+    if not group or "seed" not in keys:
+        return table
+    grouped = table.groupby(group_keys, sort=False, dropna=False) if group_keys else [((), table)]
+    out = []
+    for values, part in grouped:
+        values = values if isinstance(values, tuple) else (values,)
+        row = dict(zip(group_keys, values))
+        row["runs"] = len(part)
+        row["seeds"] = ",".join(part["seed"])
+        row["rounds"] = int(part["rounds"].max())
+        for col in NUMERIC:
+            column = part[col].astype(float)
+            row[col] = column.mean()
+            row[f"{col}_std"] = column.std(ddof=1) if len(part) > 1 else math.nan
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _display(table):
+    """Merge "x" and "x_std" columns into "x" cells reading mean±std."""
+    table = table.copy()
+    for col in NUMERIC:
+        std = f"{col}_std"
+        if std in table.columns:
+            table[col] = [("-" if math.isnan(m) else f"{m:.4g}" + ("" if math.isnan(s) else f"±{s:.2g}"))
+                          for m, s in zip(table[col].astype(float), table[std].astype(float))]
+            table = table.drop(columns=std)
+    return table
+
+
+def format_table(table) -> str:
+    """The summary as aligned text (file paths last)."""
+    table = _display(table)
+    columns = [c for c in table.columns if c != "file"] + (["file"] if "file" in table.columns else [])
+    cells = [[_fmt(v) if not (isinstance(v, float) and math.isnan(v)) else "-" for v in table[c]] for c in columns]
+    widths = [max(len(c), *(len(x) for x in col)) if len(col) else len(c) for c, col in zip(columns, cells)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    for i in range(len(table)):
+        lines.append("  ".join(cells[j][i].ljust(w) for j, w in enumerate(widths)))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def make_plots(runs: list[RunResults], directory: str, fmt: str = "png") -> list[str]:
+    """Write every plot kind into ``directory``; return the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(directory, exist_ok=True)
+    keys = differing_keys(runs)
+    written = []
+
+    def save(fig, name):
+        path = os.path.join(directory, f"{name}.{fmt}")
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        r = run.rounds
+        evaluated = r[np.isfinite(r["test_accuracy"])]
+        axes[0].plot(evaluated["round"] + 1, evaluated["test_accuracy"], marker=".", label=label(run, keys))
+        axes[1].plot(evaluated["round"] + 1, evaluated["test_loss"], marker=".", label=label(run, keys))
+    axes[0].set(xlabel="round", ylabel="test accuracy", title="Test accuracy")
+    axes[1].set(xlabel="round", ylabel="test loss", title="Test loss", yscale="log")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.tight_layout()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=8, frameon=False)
+    save(fig, "accuracy_loss")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    private = [run for run in runs if "epsilon" in run.rounds and np.isfinite(run.rounds["epsilon"]).any()]
+    for run in private:
+        r = run.rounds[np.isfinite(run.rounds["test_accuracy"]) & np.isfinite(run.rounds["epsilon"])]
+        ax.plot(r["epsilon"], r["test_accuracy"], marker=".", label=label(run, keys))
+    ax.set(xlabel="epsilon (RDP, per round)", ylabel="test accuracy", title="Accuracy against privacy spent")
+    if private:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no run with differential privacy", ha="center", va="center", transform=ax.transAxes)
+    save(fig, "accuracy_epsilon")
+
+    for index, run in enumerate(runs):
+        c = run.clients
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if len(c):
+            n_rounds, width = int(c["round"].max()) + 1, int(c["slot"].max()) + 1
+            kept = np.full((width, n_rounds), np.nan)
+            kept[c["slot"].to_numpy(), c["round"].to_numpy()] = c["selected"].to_numpy(float)
+            ax.imshow(kept, aspect="auto", origin="lower", cmap="Greens", vmin=0, vmax=1.4, interpolation="nearest")
+            ax.yaxis.get_major_locator().set_params(integer=True)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            byz = c[c["byzantine"].to_numpy(bool)]
+            ax.scatter(byz["round"], byz["slot"], marker="x", color="crimson", s=14, label="Byzantine")
+            if len(byz):
+                ax.legend(loc="upper right", fontsize=7)
+        ax.set(xlabel="round", ylabel="cohort slot", title=f"Kept by the aggregator (green): {label(run, keys)}")
+        save(fig, f"selection_{index}")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    honest_all, byz_all = [], []
+    for run in runs:
+        c = run.clients
+        if len(c):
+            mask = c["byzantine"].to_numpy(bool)
+            honest_all.append(c["update_norm"].to_numpy()[~mask])
+            byz_all.append(c["update_norm"].to_numpy()[mask])
+    honest = np.concatenate(honest_all) if honest_all else np.empty(0)
+    byz = np.concatenate(byz_all) if byz_all else np.empty(0)
+    positive = np.concatenate([honest, byz])
+    positive = positive[np.isfinite(positive) & (positive > 0)]
+    if len(positive):
+        bins = np.logspace(np.log10(positive.min()), np.log10(positive.max()) + 1e-9, 40)
+        ax.hist(honest[honest > 0], bins=bins, alpha=0.7, label=f"honest ({len(honest)})")
+        if len(byz):
+            ax.hist(byz[byz > 0], bins=bins, alpha=0.7, color="crimson", label=f"Byzantine ({len(byz)})")
+        ax.set_xscale("log")
+        ax.legend(fontsize=8)
+    ax.set(xlabel="update L2 norm", ylabel="client updates", title="Update norms")
+    save(fig, "update_norms")
+    return written
+
+
+# --------------------------------------------------------------------------- follow
+
+
+def follow(path: str, poll_s: float = 0.2, timeout_s: float | None = None, out=sys.stdout) -> int:
+    """Print each new round of a run as it is written; return when the run has
+    finished (or after ``timeout_s`` without a new round). Returns rounds printed."""
+    import h5py
+
+    printed = 0
+    last_progress = time.monotonic()
+    f = None
+    try:
+        while f is None:
+            problem = "no results file appeared"
+            if os.path.exists(path):
+                try:
+                    _check_not_truncated(path)  # also true while the writer is still creating the file
+                    f = h5py.File(path, "r", libver="latest", swmr=True)
+                except (OSError, ResultsError) as exc:
+                    f, problem = None, f"the file did not become readable ({exc})"  # not in SWMR mode yet
+                if f is not None:
+                    if "rounds" not in f or "fedmpi_version" not in f.attrs:
+                        f.close()
+                        raise ResultsError(f"{path}: HDF5 file but not fedmpi results")
+                    break
+            if timeout_s is not None and time.monotonic() - last_progress > timeout_s:
+                raise ResultsError(f"{path}: {problem} within {timeout_s:g} s")
+            time.sleep(poll_s)
+        rounds = f["rounds"]
+        names = ("round", "test_accuracy", "test_loss", "train_loss", "epsilon", "wall_s")
+        print(f"following {path}", file=out, flush=True)
+        while True:
+            for name in names:
+                rounds[name].refresh()
+            f["run/finished"].refresh()
+            finished = bool(f["run/finished"][()])
+            available = min(rounds[name].shape[0] for name in names)
+            for i in range(printed, available):
+                row = {name: rounds[name][i] for name in names}
+                acc = f"acc {row['test_accuracy']:.4f}  loss {row['test_loss']:.4f}" if np.isfinite(row["test_accuracy"]) \
+                    else "acc    -    loss    -   "
+                eps = f"  eps {row['epsilon']:.3g}" if np.isfinite(row["epsilon"]) else ""
+                print(f"round {int(row['round']) + 1}  {acc}  train_loss {row['train_loss']:.4f}{eps}  "
+                      f"{row['wall_s']:.2f} s", file=out, flush=True)
+                printed += 1
+                last_progress = time.monotonic()
+            if finished and printed >= available:
+                print(f"finished: {printed} rounds", file=out, flush=True)
+                return printed
+            if timeout_s is not None and time.monotonic() - last_progress > timeout_s:
+                print(f"no new round for {timeout_s:g} s; stopping ({printed} rounds)", file=out, flush=True)
+                return printed
+            time.sleep(poll_s)
+    finally:
+        if f is not None:
+            f.close()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: list | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedmpi.analyze", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="*", metavar="FILE_OR_DIR", help="results files, or directories of them")
+    parser.add_argument("--csv", metavar="PATH", help="also write the summary table as CSV")
+    parser.add_argument("--plot", metavar="DIR", help="write plots into DIR")
+    parser.add_argument("--format", choices=("png", "pdf"), default="png", help="plot file format")
+    parser.add_argument("--no-group", action="store_true", help="one row per run even when runs differ only in seed")
+    parser.add_argument("--follow", metavar="FILE", help="print rounds of a run as they are written, until it ends")
+    parser.add_argument("--timeout", type=float, help="with --follow: stop after this many seconds without a new round")
+    args = parser.parse_args(argv)
+    try:
+        if args.follow:
+            follow(args.follow, timeout_s=args.timeout)
+            return 0
+        if not args.paths:
+            parser.error("give results files or directories (or --follow FILE)")
+        runs = [load(path) for path in find_files(args.paths)]
+        table = summary_table(runs, group=not args.no_group)
+        print(format_table(table))
+        if args.csv:
+            table.to_csv(args.csv, index=False)
+        if args.plot:
+            for path in make_plots(runs, args.plot, args.format):
+                print(f"wrote {path}")
+    except ResultsError as exc:
+        print(f"fedmpi: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""python -m fedmpi.analyze and fedmpi.results.load on files written by real runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import fedmpi_env, mpirun_path, run_job
+
+from fedmpi.results import load
+
+ATTACK = ["--set", "clients.total=20", "--set", "clients.per_round=20", "--set", "attack.name=sign_flip",
+          "--set", "attack.fraction=0.2", "--set", "attack.params={lambda: 10}", "--set", "rounds=4", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Two seeds x {fedavg, krum} under a known attacker set, plus one DP run."""
+    root = tmp_path_factory.mktemp("sweep")
+    (root / "runs").mkdir()
+    for seed in (0, 1):
+        for agg in ("fedavg", "krum"):
+            proc = run_job(None, [*ATTACK, "--set", f"seed={seed}", "--set", f"aggregator.name={agg}",
+                                  "--out", f"runs/{agg}-{seed}.h5"], root)
+            assert proc.returncode == 0, proc.stderr
+    proc = run_job(None, ["--set", "rounds=3", "--set", "privacy.mode=sample", "--set", "privacy.noise_multiplier=1",
+                          "--set", "privacy.accountant=rdp", "--out", "dp.h5", "--quiet"], root)
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+def _analyze(args, cwd, timeout=120):
+    return run_job(None, args, cwd, module="fedmpi.analyze", timeout=timeout)
+
+
+def _expected(path):
+    """Numbers computed straight from the HDF5 arrays, independently of fedmpi.analyze."""
+    with h5py.File(path, "r", libver="latest", swmr=True) as f:
+        acc = f["rounds/test_accuracy"][:]
+        byz = f["clients/byzantine"][:].astype(bool)
+        excluded = ~f["clients/selected"][:].astype(bool)
+    caught = np.sum(byz & excluded)
+    precision = caught / excluded.sum() if excluded.sum() else np.nan
+    return acc[-1], acc.max(), precision, caught / byz.sum()
+
+
+def test_summary_rows_match_the_files(sweep):
+    proc = _analyze(["runs", "--no-group", "--csv", "summary.csv"], sweep)
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(sweep / "summary.csv")
+    assert len(table) == 4
+    assert set(table.columns) >= {"aggregator.name", "seed", "final_accuracy", "best_accuracy", "rounds", "epsilon",
+                                  "wall_s", "byzantine_precision", "byzantine_recall"}
+    assert "clients.total" not in table.columns  # same in every run: not a differing key
+    for _, row in table.iterrows():
+        final, best, precision, recall = _expected(sweep / row["file"])
+        assert row["final_accuracy"] == pytest.approx(final, abs=1e-12)
+        assert row["best_accuracy"] == pytest.approx(best, abs=1e-12)
+        assert row["rounds"] == 4
+        assert row["byzantine_recall"] == pytest.approx(recall)
+        if np.isnan(precision):
+            assert np.isnan(row["byzantine_precision"])
+        else:
+            assert row["byzantine_precision"] == pytest.approx(precision)
+    krum = table[table["aggregator.name"] == "krum"]
+    # Krum keeps 1 of 20 slots a round and 4 of 20 are Byzantine: all 4 x 4 excluded, 16 of 76 exclusions
+    assert (krum["byzantine_recall"] == 1.0).all()
+    assert krum["byzantine_precision"].tolist() == pytest.approx([16 / 76] * 2)
+    fedavg = table[table["aggregator.name"] == "fedavg"]
+    assert (fedavg["byzantine_recall"] == 0.0).all() and fedavg["byzantine_precision"].isna().all()
+    # the printed table carries the same final accuracies
+    for value in table["final_accuracy"]:
+        assert f"{value:.4g}" in proc.stdout
+
+
+def test_sweep_groups_seeds_with_mean_and_spread(sweep):
+    proc = _analyze(["runs", "--csv", "grouped.csv"], sweep)
+    assert proc.returncode == 0, proc.stderr
+    grouped = pd.read_csv(sweep / "grouped.csv")
+    assert sorted(grouped["aggregator.name"]) == ["fedavg", "krum"]
+    for _, row in grouped.iterrows():
+        finals = [_expected(sweep / "runs" / f"{row['aggregator.name']}-{s}.h5")[0] for s in (0, 1)]
+        assert row["runs"] == 2
+        assert row["final_accuracy"] == pytest.approx(np.mean(finals))
+        assert row["final_accuracy_std"] == pytest.approx(np.std(finals, ddof=1), abs=1e-12)
+    assert "±" in proc.stdout
+
+
+def test_epsilon_column_for_dp_runs(sweep):
+    proc = _analyze(["dp.h5", "runs/krum-0.h5", "--csv", "dp.csv"], sweep)
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(sweep / "dp.csv")
+    with h5py.File(sweep / "dp.h5", "r", libver="latest", swmr=True) as f:
+        eps = float(f["privacy/epsilon"][()])
+    assert table["epsilon"].iloc[0] == pytest.approx(eps) and np.isnan(table["epsilon"].iloc[1])
+
+
+@pytest.mark.parametrize("fmt, magic", [("png", b"\x89PNG\r\n\x1a\n"), ("pdf", b"%PDF")])
+def test_every_plot_kind_is_a_valid_image(sweep, fmt, magic):
+    proc = _analyze(["runs", "dp.h5", "--plot", f"plots_{fmt}", "--format", fmt], sweep)
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(os.listdir(sweep / f"plots_{fmt}"))
+    expected = {"accuracy_loss", "accuracy_epsilon", "update_norms"} | {f"selection_{i}" for i in range(5)}
+    assert {f.rsplit(".", 1)[0] for f in files} == expected
+    for name in files:
+        data = (sweep / f"plots_{fmt}" / name).read_bytes()
+        assert data.startswith(magic) and len(data) > 5000, name
+        if fmt == "png":
+            import matplotlib.image
+
+            image = matplotlib.image.imread(sweep / f"plots_{fmt}" / name)
+            assert image.shape[0] > 200 and image.shape[1] > 300
+            assert image[..., :3].std() > 0.02  # not a blank canvas
+
+
+def test_follow_sees_every_round_exactly_once(tmp_path):
+    out = tmp_path / "live.h5"
+    follower = subprocess.Popen([sys.executable, "-m", "fedmpi.analyze", "--follow", str(out), "--timeout", "120"],
+                                cwd=tmp_path, env=fedmpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    run = run_job(2, ["--set", "rounds=12", "--out", out, "--quiet"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    stdout, stderr = follower.communicate(timeout=120)
+    assert follower.returncode == 0, stderr
+    rounds = [int(line.split()[1]) for line in stdout.splitlines() if line.startswith("round ")]
+    assert rounds == list(range(1, 13)), stdout
+    assert "finished: 12 rounds" in stdout
+    with h5py.File(out, "r", libver="latest", swmr=True) as f:
+        acc = f["rounds/test_accuracy"][:]
+    for r, a in enumerate(acc, start=1):
+        assert f"round {r}  acc {a:.4f}" in stdout
+
+
+def test_load_a_file_left_by_a_killed_job(tmp_path):
+    out = tmp_path / "killed.h5"
+    cmd = [mpirun_path(), "-n", "2", sys.executable, "-m", "fedmpi.run", "--set", "rounds=500",
+           "--set", "output.snapshot_every=2", "--out", str(out), "--quiet"]
+    job = subprocess.Popen(cmd, cwd=tmp_path, env=fedmpi_env(), start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                if len(load(str(out)).rounds) >= 5:
+                    break
+            except Exception:  # not created yet
+                continue
+        os.killpg(job.pid, signal.SIGKILL)
+    finally:
+        job.wait(timeout=30)
+    run = load(str(out))
+    assert not run.finished and len(run.rounds) >= 5
+    assert list(run.rounds["round"]) == list(range(len(run.rounds)))
+    assert len(run.clients) == 16 * len(run.rounds)
+    assert run.final_model is not None and run.final_model_round >= 3
+    assert run.final_model_round % 2 == 1  # a snapshot: every 2 rounds
+    proc = _analyze([str(out), "--csv", "k.csv"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert pd.read_csv(tmp_path / "k.csv")["finished"].tolist() == [False]
+
+
+def _garbage_files(tmp_path, sweep):
+    text = tmp_path / "notes.h5"
+    text.write_text("not hdf5 at all\n")
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["data"] = np.arange(10)
+    truncated = tmp_path / "truncated.h5"
+    data = (sweep / "runs" / "krum-0.h5").read_bytes()
+    truncated.write_bytes(data[: len(data) // 3])
+    return {"not an HDF5 file": text, "not fedmpi results": foreign, "truncated": truncated}
+
+
+def test_garbage_input_gets_one_line_naming_the_file(tmp_path, sweep):
+    for expected, path in _garbage_files(tmp_path, sweep).items():
+        proc = _analyze([str(path)], tmp_path)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2, (expected, proc.stderr)
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert str(path) in lines[0]
+        assert expected in lines[0], lines[0]
