@@ -32,14 +32,15 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
 # Columns per block when float32 rows are processed in float64: the float64
 # copy of one block stays in cache.
 _BLOCK_BYTES = 1 << 21
-# Column blocks per threaded task (fixed, so sums happen in the same order on any machine).
-_BLOCKS_PER_TASK = 16
+# Below this many elements, thread start-up costs more than it saves.
+_THREADED_ELEMENTS = 1 << 22
 # A Gram-derived distance below this fraction of (|c_i|^2 + |c_j|^2), scaled by
 # sqrt(d), has lost too many digits to cancellation and is recomputed.
 _RECENTER_RTOL = 1e-9
@@ -72,13 +73,30 @@ def _as_updates(updates: np.ndarray) -> np.ndarray:
     return updates
 
 
-def _blocks(updates: np.ndarray):
-    """Yield (column slice, float64 block) pairs covering ``updates``."""
+def _for_blocks(updates: np.ndarray, fn) -> list:
+    """``fn(cols, block)`` for every column block of ``updates``, ``block`` being a
+    float64 copy (n, width) that stays in cache; returns the results in block order.
+
+    Runs of blocks go to several threads (BLAS single-threaded inside). The block
+    width depends only on n, so whatever the thread count each block, and each sum
+    over blocks taken in block order, is computed the same way."""
     n, d = updates.shape
     width = max(256, _BLOCK_BYTES // (8 * n))
-    for start in range(0, d, width):
-        cols = slice(start, min(d, start + width))
-        yield cols, updates[:, cols].astype(np.float64, copy=False)
+    threads = _worker_threads() if n * d >= _THREADED_ELEMENTS else 1
+    blocks = -(-d // width)
+    span = width * max(1, -(-blocks // (4 * threads)))  # about 4 runs per thread; results do not depend on it
+
+    def run(first: int) -> list:
+        buf = np.empty((n, min(width, d)))
+        results = []
+        for start in range(first, min(d, first + span), width):
+            block = updates[:, start:start + width]
+            copy = buf[:, :block.shape[1]]
+            copy[...] = block
+            results.append(fn(slice(start, start + block.shape[1]), copy))
+        return results
+
+    return [r for part in _map_blocks(run, list(range(0, d, span)), threads) for r in part]
 
 
 def _normalised_weights(weights: np.ndarray | None, n: int) -> np.ndarray:
@@ -102,9 +120,13 @@ def _all_rows(n: int) -> np.ndarray:
 def weighted_sum(updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """sum_i weights[i] * updates[i], accumulated in float64, one pass over ``updates``."""
     updates = _as_updates(updates)
+    weights = np.asarray(weights, dtype=np.float64)
     out = np.empty(updates.shape[1])
-    for cols, block in _blocks(updates):
+
+    def block_sum(cols, block):
         out[cols] = weights @ block
+
+    _for_blocks(updates, block_sum)
     return out
 
 
@@ -112,8 +134,8 @@ def row_norms(updates: np.ndarray) -> np.ndarray:
     """L2 norm of each row, accumulated in float64 (1e30-scale rows do not overflow)."""
     updates = _as_updates(updates)
     sq = np.zeros(updates.shape[0])
-    for _, block in _blocks(updates):
-        sq += np.einsum("ij,ij->i", block, block)
+    for part in _for_blocks(updates, lambda cols, block: np.einsum("ij,ij->i", block, block)):
+        sq += part
     return np.sqrt(sq)
 
 
@@ -136,13 +158,19 @@ def _worker_threads() -> int:
     return max(1, cores)
 
 
+@lru_cache(maxsize=1)
+def _blas_controller():
+    """threadpoolctl's view of the loaded BLAS libraries, built once (building it scans them)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 def _map_blocks(fn, starts: list, threads: int):
     """``fn`` over column starts, results in order whatever ``threads`` is."""
     if threads <= 1 or len(starts) < 2:
         return map(fn, starts)
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(min(threads, len(starts))) as pool:
+    with _blas_controller().limit(limits=1, user_api="blas"), ThreadPoolExecutor(min(threads, len(starts))) as pool:
         return list(pool.map(fn, starts))
 
 
@@ -157,28 +185,19 @@ def _centered_gram(updates: np.ndarray, rows: np.ndarray | None = None, center: 
     summed in a fixed order, so the result does not depend on the thread count.
     """
     sub = updates if rows is None else updates[rows]
-    k, d = sub.shape
+    k = sub.shape[0]
     if center is None:
         with np.errstate(over="ignore"):
             center = sub.sum(axis=0, dtype=sub.dtype).astype(np.float64) / k
         if not np.isfinite(center).all():  # float32 rows near the top of their range overflowed the sum
             center = sub.sum(axis=0, dtype=np.float64) / k
-    width = max(256, _BLOCK_BYTES // (8 * k))
-    span = width * _BLOCKS_PER_TASK
 
-    def run_gram(first: int) -> np.ndarray:
-        gram = np.zeros((k, k))
-        buf = np.empty((k, min(width, d)))
-        for start in range(first, min(d, first + span), width):
-            block = sub[:, start:start + width]
-            centered = buf[:, :block.shape[1]]
-            centered[...] = block
-            centered -= center[start:start + block.shape[1]]
-            gram += centered @ centered.T
-        return gram
+    def block_gram(cols, block):
+        block -= center[cols]
+        return block @ block.T
 
     gram = np.zeros((k, k))
-    for part in _map_blocks(run_gram, list(range(0, d, span)), _worker_threads()):
+    for part in _for_blocks(sub, block_gram):
         gram += part
     return gram
 
@@ -340,12 +359,15 @@ def _coordinatewise(updates: np.ndarray, keep_lo: int, keep_hi: int) -> tuple[np
     Also return, per row, the fraction of coordinates where its value was kept."""
     n, d = updates.shape
     out = np.empty(d)
-    kept = np.zeros(n)
-    for cols, block in _blocks(updates):
+
+    def block_stats(cols, block):
         order = np.argsort(block, axis=0, kind="stable")
-        values = np.take_along_axis(block, order[keep_lo:keep_hi], axis=0)
-        out[cols] = values.mean(axis=0)
-        kept += np.bincount(order[keep_lo:keep_hi].ravel(), minlength=n)
+        out[cols] = np.take_along_axis(block, order[keep_lo:keep_hi], axis=0).mean(axis=0)
+        return np.bincount(order[keep_lo:keep_hi].ravel(), minlength=n)
+
+    kept = np.zeros(n)
+    for part in _for_blocks(updates, block_stats):
+        kept += part
     return out, kept / d
 
 
@@ -453,10 +475,12 @@ def bulyan(updates: np.ndarray, f: int) -> AggregationResult:
     chosen = np.sort(np.array(chosen))
     selected_rows = updates[chosen]
     out = np.empty(updates.shape[1])
-    for cols, block in _blocks(selected_rows):
-        med = np.median(block, axis=0)
-        order = np.argsort(np.abs(block - med), axis=0, kind="stable")[:beta]
+
+    def closest_to_median(cols, block):
+        order = np.argsort(np.abs(block - np.median(block, axis=0)), axis=0, kind="stable")[:beta]
         out[cols] = np.take_along_axis(block, order, axis=0).mean(axis=0)
+
+    _for_blocks(selected_rows, closest_to_median)
     return AggregationResult(out, selected=chosen, scores=krum_scores(dist, f))
 
 
@@ -480,14 +504,16 @@ def centered_clipping(updates: np.ndarray, tau: float, iterations: int = 1,
     factors = np.ones(n)
     for _ in range(iterations):
         sq = np.zeros(n)
-        for cols, block in _blocks(updates):
-            diff = block - v[cols]
-            sq += np.einsum("ij,ij->i", diff, diff)
-        norms = np.sqrt(sq)
-        factors = np.minimum(1.0, tau / np.maximum(norms, np.finfo(float).tiny))
-        step = np.zeros(d)
-        for cols, block in _blocks(updates):
-            step[cols] = factors @ (block - v[cols]) / n
+        for part in _for_blocks(updates, lambda cols, block, v=v: np.einsum("ij,ij->i", block - v[cols], block - v[cols])):
+            sq += part
+        factors = np.minimum(1.0, tau / np.maximum(np.sqrt(sq), np.finfo(float).tiny))
+        step = np.empty(d)
+
+        def clipped_step(cols, block, v=v, factors=factors, step=step):
+            block -= v[cols]
+            step[cols] = factors @ block / n
+
+        _for_blocks(updates, clipped_step)
         v = v + step
     return AggregationResult(v, selected=_all_rows(n), scores=factors)
 
@@ -511,8 +537,11 @@ def average_groups(updates: np.ndarray, groups: list) -> np.ndarray:
     for g, rows in enumerate(groups):
         mix[g, rows] = 1.0 / len(rows)
     out = np.empty((len(groups), updates.shape[1]))
-    for cols, block in _blocks(updates):
+
+    def mix_block(cols, block):
         out[:, cols] = mix @ block
+
+    _for_blocks(updates, mix_block)
     return out
 
 
@@ -546,6 +575,9 @@ def clip(updates: np.ndarray, max_norm: float) -> np.ndarray:
     norms = row_norms(updates)
     factors = np.minimum(1.0, max_norm / np.maximum(norms, np.finfo(float).tiny))
     out = np.empty(updates.shape)
-    for cols, block in _blocks(updates):
-        out[:, cols] = block * factors[:, None]
+
+    def scale_block(cols, block):
+        np.multiply(block, factors[:, None], out=out[:, cols])
+
+    _for_blocks(updates, scale_block)
     return out

@@ -87,9 +87,16 @@ def alie_zmax(n: int, f: int) -> float:
     return NormalDist().inv_cdf((n - s) / n)
 
 
-def _column_stats(honest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    honest64 = honest.astype(np.float64, copy=False)
-    return honest64.mean(axis=0), honest64.std(axis=0)
+def _column_stats(honest: np.ndarray, block: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    """Per-coordinate mean and population std in float64, a column block at a time
+    (no float64 copy of the whole array)."""
+    d = honest.shape[1]
+    mean, std = np.empty(d), np.empty(d)
+    for start in range(0, d, block):
+        part = honest[:, start:start + block].astype(np.float64)
+        mean[start:start + block] = part.mean(axis=0)
+        std[start:start + block] = part.std(axis=0)
+    return mean, std
 
 
 def alie(honest: np.ndarray, n: int, f: int, z: float | None = None) -> np.ndarray:
@@ -102,7 +109,7 @@ def alie(honest: np.ndarray, n: int, f: int, z: float | None = None) -> np.ndarr
 
 def ipm(honest: np.ndarray, eps: float) -> np.ndarray:
     """Inner-product manipulation (Xie et al. 2019): -eps * mean of the honest rows."""
-    return -eps * honest.astype(np.float64, copy=False).mean(axis=0)
+    return -eps * _column_stats(honest)[0]
 
 
 def resolved_params(name: str, given: dict, cohort_size: int) -> dict:
@@ -131,7 +138,7 @@ def apply_omniscient_attack(name: str, params: dict, updates: np.ndarray, byzant
     n_byz = int(byzantine.sum())
     if n_byz == 0 or n_byz == len(byzantine):
         return
-    honest = updates[~byzantine]
+    honest = updates[~byzantine]  # a copy of the honest rows, in their own dtype
     if name == "alie":
         vector = alie(honest, len(byzantine), n_byz, params.get("z"))
     else:

@@ -96,6 +96,20 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [200, 200])  # mlp only
 
 
+def count_params(model: ModelConfig, input_shape: tuple, num_classes: int) -> int:
+    """Parameters of the model fedmpi.models.build_model builds, without building it
+    (rank 0 sizes its memory before torch is even imported)."""
+    features = int(math.prod(input_shape))
+    if model.name == "logreg":
+        return (features + 1) * num_classes
+    if model.name == "mlp":
+        widths = [features, *model.hidden, num_classes]
+        return sum((a + 1) * b for a, b in zip(widths, widths[1:]))
+    channels, height, width = input_shape
+    flat = 64 * (height // 4) * (width // 4)
+    return (channels * 25 + 1) * 32 + (32 * 25 + 1) * 64 + (flat + 1) * 512 + (512 + 1) * num_classes
+
+
 @dataclass
 class TrainConfig:
     """Local training of each sampled client: plain SGD on its own shard."""
@@ -179,6 +193,7 @@ class OutputConfig:
     path: str | None = None  # default: results/run-<UTC time>.h5
     overwrite: bool = False
     snapshot_every: int = 0  # keep the global model every k rounds in /model/snapshots (0: off)
+    checkpoint_every: int = 5  # checkpoint for --resume every k rounds (0: only on SIGTERM / SIGUSR1)
 
 
 @dataclass
@@ -186,6 +201,11 @@ class Config:
     seed: int = 0
     rounds: int = 20
     threads: int = 1  # torch threads per rank; ranks are the parallelism
+    device: Literal["cpu", "cuda", "auto"] = "cpu"  # cuda: GPU local_rank % GPUs per node; auto: cuda if present
+    # gather: every update row reaches rank 0 (any aggregator, per-client records);
+    # reduce: workers pre-sum weighted updates, one MPI Reduce (FedAvg only, O(d) memory on rank 0)
+    transport: Literal["gather", "reduce"] = "gather"
+    memory_limit_gb: float | None = None  # rank 0's budget; default: the node's available memory
     data: DataConfig = field(default_factory=DataConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -409,12 +429,25 @@ def validate(cfg: Config) -> None:
     _validate_attack(cfg)
     _validate_aggregator(cfg)
     _validate_privacy(cfg)
+    if cfg.memory_limit_gb is not None:
+        _positive("memory_limit_gb", cfg.memory_limit_gb)
+    if cfg.transport == "reduce":
+        reasons = []
+        if cfg.aggregator.name != "fedavg" or cfg.aggregator.pre:
+            reasons.append(f"aggregator.name = {cfg.aggregator.name} needs every row")
+        if cfg.attack.name in ("alie", "ipm"):
+            reasons.append(f"attack.name = {cfg.attack.name} is computed on rank 0 from the rows")
+        if cfg.privacy.mode == "client_central":
+            reasons.append("privacy.mode = client_central clips every row on rank 0")
+        _require(not reasons, "transport", "reduce", "workers pre-sum FedAvg updates, but " + "; ".join(reasons)
+                 + " (use transport: gather)")
 
     _at_least("eval.every", cfg.eval.every, 1)
     _at_least("eval.batch_size", cfg.eval.batch_size, 1)
 
     o = cfg.output
     _at_least("output.snapshot_every", o.snapshot_every, 0)
+    _at_least("output.checkpoint_every", o.checkpoint_every, 0)
     if o.path is not None:
         _require(o.path.strip() != "", "output.path", o.path, "must not be empty")
 

@@ -92,14 +92,16 @@ def init_weights(model: nn.Module, seed: int) -> np.ndarray:
 
 
 class FlatModel:
-    """A module whose parameters and gradients are views into ``flat`` and ``grad``."""
+    """A module whose parameters and gradients are views into ``flat`` and ``grad``
+    (on ``device``; the flat vectors that travel between ranks stay numpy on the CPU)."""
 
-    def __init__(self, module: nn.Module):
-        self.module = module
+    def __init__(self, module: nn.Module, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.module = module.to(self.device)
         self.specs = layout(module)
         self.size = sum(s.numel for s in self.specs)
-        self.flat = torch.zeros(self.size, dtype=torch.float32)
-        self.grad = torch.zeros(self.size, dtype=torch.float32)
+        self.flat = torch.zeros(self.size, dtype=torch.float32, device=self.device)
+        self.grad = torch.zeros(self.size, dtype=torch.float32, device=self.device)
         for spec, p in zip(self.specs, module.parameters()):
             view = self.flat[spec.offset:spec.offset + spec.numel].view(spec.shape)
             view.copy_(p.detach())
@@ -110,5 +112,5 @@ class FlatModel:
         self.flat.copy_(torch.from_numpy(vector))
 
     def weights(self) -> np.ndarray:
-        """The live flat weights as a numpy view (no copy)."""
-        return self.flat.numpy()
+        """The flat weights as numpy: a view on the CPU, a copy from a GPU."""
+        return self.flat.detach().cpu().numpy()

@@ -329,6 +329,18 @@ class RunAccountant:
         self.eps = np.zeros(total)
         self.rounds = 0
 
+    def state(self) -> dict[str, np.ndarray]:
+        """The arrays a checkpoint stores; :meth:`load_state` puts them back."""
+        return {"participations": self.participations, "sample_rate": self.sample_rate, "steps": self.steps,
+                "eps": self.eps, "rounds": np.array([self.rounds], dtype=np.int64)}
+
+    def load_state(self, state: dict) -> None:
+        self.participations[:] = state["participations"]
+        self.sample_rate[:] = state["sample_rate"]
+        self.steps[:] = state["steps"]
+        self.eps[:] = state["eps"]
+        self.rounds = int(np.asarray(state["rounds"]).reshape(-1)[0])
+
     def _central(self, rounds: int, accountant: str) -> float:
         c, p = self.cfg.clients, self.p
         if c.sampling == "poisson":

@@ -66,7 +66,11 @@ class ResultsWriter:
     """Creates the results file, appends rounds, writes the final model. Rank 0 only."""
 
     def __init__(self, path: str, *, config_yaml: str, world_size: int, seed: int, layout: list,
-                 overwrite: bool = False, snapshot_every: int = 0, attrs: dict | None = None):
+                 overwrite: bool = False, snapshot_every: int = 0, attrs: dict | None = None,
+                 state_spec: dict | None = None, history: dict | None = None):
+        """``state_spec``: {name: (shape, dtype)} of the server state a checkpoint holds.
+        ``history``: rows of an earlier session to copy in (resume), as returned by
+        :func:`read_checkpoint`."""
         import h5py
 
         parent = os.path.dirname(os.path.abspath(path))
@@ -101,8 +105,43 @@ class ResultsWriter:
         f.create_dataset("privacy/accountant", data=np.bytes_(""), dtype="S8")
         f.create_dataset("run/finished", data=np.int8(0))
         f.create_dataset("run/wall_s", data=np.float64(np.nan))
+        # two checkpoint slots: write the idle one, then point /checkpoint/current at it
+        self.state_spec = dict(state_spec or {})
+        for slot in (0, 1):
+            f.create_dataset(f"checkpoint/slot{slot}/weights", shape=(size,), dtype="f4")
+            for name, (shape, dtype) in self.state_spec.items():
+                f.create_dataset(f"checkpoint/slot{slot}/{name}", shape=shape, dtype=dtype)
+        f.create_dataset("checkpoint/current", data=np.array([-1, -1], dtype=np.int64))
+        f["checkpoint"].attrs["description"] = "current = [slot, round]: slot<k> holds the state after that round"
+        if history:
+            self._copy_history(history)
         f.swmr_mode = True
         self._start = time.perf_counter()
+
+    def _copy_history(self, history: dict) -> None:
+        for group in ("rounds", "clients"):
+            for name, values in history[group].items():
+                if name in self.f[group]:
+                    self._append(self.f[group][name], values)
+        if self.snapshot_every and len(history.get("snapshot_round", [])):
+            self._append(self.f["model/snapshots"], history["snapshots"])
+            self._append(self.f["model/snapshot_round"], history["snapshot_round"])
+        if history.get("checkpoint") is not None:
+            round_index, weights, state = history["checkpoint"]
+            self.checkpoint(round_index, weights, state)
+
+    def checkpoint(self, round_index: int, weights: np.ndarray, state: dict) -> None:
+        """Store what a resume needs after ``round_index``, crash-safe: the idle slot
+        is written and flushed before /checkpoint/current points at it."""
+        current = self.f["checkpoint/current"]
+        slot = 1 - int(current[0]) if int(current[0]) in (0, 1) else 0
+        group = self.f[f"checkpoint/slot{slot}"]
+        group["weights"][:] = weights
+        for name in self.state_spec:
+            group[name][...] = state[name]
+        self.f.flush()
+        current[:] = np.array([slot, round_index], dtype=np.int64)
+        self.f.flush()
 
     @staticmethod
     def _append(ds, values) -> None:
@@ -144,6 +183,42 @@ def open_results(path: str):
     import h5py
 
     return h5py.File(path, "r", libver="latest", swmr=True)
+
+
+def read_checkpoint(path: str) -> dict:
+    """What resuming ``path`` needs: its config and attributes, the rows up to the
+    last checkpoint, and the checkpoint itself (None when none was written)."""
+    with open_checked(path) as f:
+        current = f["checkpoint/current"]
+        current.refresh()
+        slot, round_index = (int(v) for v in current[:])
+        rounds, clients = f["rounds"], f["clients"]
+        for ds in list(rounds.values()) + list(clients.values()):
+            ds.refresh()
+        keep_rounds = int(np.searchsorted(rounds["round"][:], round_index, side="right")) if round_index >= 0 else 0
+        client_rounds = clients["round"][:]
+        keep_clients = int(np.searchsorted(client_rounds, round_index, side="right")) if round_index >= 0 else 0
+        history = {
+            "rounds": {name: ds[:keep_rounds] for name, ds in rounds.items()},
+            "clients": {name: ds[:keep_clients] for name, ds in clients.items()},
+            "checkpoint": None,
+        }
+        if "snapshots" in f["model"]:
+            f["model/snapshot_round"].refresh()
+            f["model/snapshots"].refresh()
+            snap_rounds = f["model/snapshot_round"][:]
+            keep = snap_rounds <= round_index
+            history["snapshot_round"] = snap_rounds[keep]
+            history["snapshots"] = f["model/snapshots"][: int(keep.sum())]
+        if round_index >= 0:
+            group = f[f"checkpoint/slot{slot}"]
+            state = {}
+            group.visititems(lambda name, obj: state.__setitem__(name, obj[()]) if hasattr(obj, "shape") else None)
+            weights = state.pop("weights")
+            history["checkpoint"] = (round_index, weights, state)
+        f["run/finished"].refresh()
+        return {"config": f.attrs["config"], "attrs": dict(f.attrs), "finished": bool(f["run/finished"][()]),
+                "round": round_index, "history": history}
 
 
 class ResultsError(ValueError):

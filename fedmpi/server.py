@@ -1,6 +1,6 @@
 """Rank 0: the federated round loop.
 
-:func:`run_server` runs every round as follows:
+:class:`ServerLoop` runs every round as follows:
 
 1. sample the cohort from the keyed generator (seed, "cohort", round):
    ``clients.per_round`` distinct ids, or Poisson sampling;
@@ -12,24 +12,31 @@
    central client-level DP), step the server optimizer, account privacy;
 5. evaluate, append the round to the HDF5 file (flushed), print one line.
 
-After the last round the workers get a STOP header and the final model is written.
+After the last round the workers get a STOP header and the final model is
+written. A checkpoint (weights, server optimizer, aggregator and accountant
+state: everything else is keyed by seed and round) is written every
+``output.checkpoint_every`` rounds, at the end, and after the round in which
+SIGTERM or SIGUSR1 arrived; the run then stops and ``--resume`` continues it
+bit for bit.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from statistics import NormalDist
 
 import numpy as np
 
 from . import aggregation, attacks, seeding
+from .comm import EXIT_CHECKPOINTED
 from .config import Config
 from .data import FederatedData
 from .models import FlatModel
 from .optimizers import ServerOptimizer
 from .results import ResultsWriter
 from .training import evaluate
-from .worker import CMD_ROUND, CMD_STOP, META, META_FIELDS, ClientHost, slot_counts
+from .worker import CMD_ROUND, CMD_STOP, META, META_FIELDS, ClientHost, slot_counts, weighted_total
 
 
 def sample_cohort(cfg: Config, round_index: int) -> np.ndarray:
@@ -137,7 +144,7 @@ class ServerLoop:
     privacy accountant, plus the buffers the rows are gathered into."""
 
     def __init__(self, cfg: Config, comm, data: FederatedData, model: FlatModel, weights: np.ndarray,
-                 writer: ResultsWriter, quiet: bool = False):
+                 writer: ResultsWriter | None, quiet: bool = False):
         self.cfg, self.comm, self.data, self.model = cfg, comm, data, model
         self.weights, self.writer, self.quiet = weights, writer, quiet
         self.optimizer = ServerOptimizer(cfg.server, model.size)
@@ -155,18 +162,55 @@ class ServerLoop:
         self.no_rows = np.empty((0, model.size), dtype=np.float32)
         self.no_meta = np.empty((0, len(META_FIELDS)))
         self.last_accuracy = np.nan
+        self.stop_signal: str | None = None  # set by a signal handler: checkpoint and stop after this round
 
-    def run(self, start_round: int = 0) -> np.ndarray:
+    # ---- state a checkpoint holds (everything else is keyed by seed and round)
+
+    def state(self) -> dict[str, np.ndarray]:
+        state = {f"optimizer/{k}": v for k, v in self.optimizer.state.items()}
+        state.update({f"aggregator/{k}": v for k, v in self.aggregate.state.items()})
+        if self.accountant is not None:
+            state.update({f"accountant/{k}": v for k, v in self.accountant.state().items()})
+        return state
+
+    def state_spec(self) -> dict:
+        return {name: (value.shape, value.dtype) for name, value in self.state().items()}
+
+    def load_state(self, weights: np.ndarray, state: dict) -> None:
+        self.weights[:] = weights
+        for name, value in state.items():
+            group, key = name.split("/", 1)
+            if group == "optimizer":
+                self.optimizer.state[key][...] = value
+            elif group == "aggregator":
+                self.aggregate.state[key][...] = value
+        if self.accountant is not None:
+            self.accountant.load_state({k.split("/", 1)[1]: v for k, v in state.items() if k.startswith("accountant/")})
+
+    def run(self, start_round: int = 0) -> bool:
+        """Run rounds ``start_round``.. to the end; False when a signal stopped it early
+        (after writing a checkpoint)."""
         run_start = time.perf_counter()
+        every = self.cfg.output.checkpoint_every
         for r in range(start_round, self.cfg.rounds):
             self.run_round(r)
+            if self.stop_signal is not None or (every and (r + 1) % every == 0 and r + 1 < self.cfg.rounds):
+                self.writer.checkpoint(r, self.weights, self.state())
+            if self.stop_signal is not None and r + 1 < self.cfg.rounds:
+                self.header[:] = (CMD_STOP, EXIT_CHECKPOINTED, 0)  # every rank ends with this status
+                self.comm.bcast_idle(self.header)
+                print(f"fedmpi: {self.stop_signal} received; checkpoint after round {r + 1} written to "
+                      f"{self.writer.path}; continue with: python -m fedmpi.run --resume {self.writer.path}",
+                      file=sys.stderr, flush=True)
+                return False
         self.header[:] = (CMD_STOP, 0, 0)
-        self.comm.bcast(self.header)
+        self.comm.bcast_idle(self.header)
+        self.writer.checkpoint(self.cfg.rounds - 1, self.weights, self.state())  # lets --resume extend the run
         self.writer.finish(self.cfg.rounds - 1, self.weights, self.final_privacy())
         if not self.quiet:
             print(f"done: {self.cfg.rounds - start_round} rounds in {time.perf_counter() - run_start:.1f} s; "
                   f"final test accuracy {self.last_accuracy:.4f}; results in {self.writer.path}", flush=True)
-        return self.weights
+        return True
 
     def final_privacy(self) -> dict:
         if self.accountant is None:
@@ -181,15 +225,27 @@ class ServerLoop:
     def gather(self, r: int, cohort: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
         k, d = len(cohort), self.model.size
         self.header[:] = (CMD_ROUND, r, k)
-        self.comm.bcast(self.header)
+        self.comm.bcast_idle(self.header)
         self.comm.bcast(cohort)
         self.comm.bcast(self.weights)
         counts = slot_counts(k, self.comm.size)
-        updates = np.empty((k, d), dtype=np.float32)
         meta = np.zeros((k, len(META_FIELDS)))
+        if self.cfg.transport == "reduce":  # O(d) on rank 0: the weighted sum, never the rows
+            total = np.zeros(d)
+            if self.host is not None:
+                rows = np.empty((k, d), dtype=np.float32)
+                self.host.train_slots(r, cohort, self.weights, rows, meta)
+                total = weighted_total(rows, meta)
+            else:
+                self.comm.barrier_idle()
+                self.comm.gather_rows(self.no_meta, meta, counts)
+                self.comm.reduce_sum(np.zeros(d), total)
+            return total, meta, counts
+        updates = np.empty((k, d), dtype=np.float32)
         if self.host is not None:
             self.host.train_slots(r, cohort, self.weights, updates, meta)
         else:
+            self.comm.barrier_idle()
             self.comm.gather_rows(self.no_rows, updates, counts)
             self.comm.gather_rows(self.no_meta, meta, counts)
         return updates, meta, counts
@@ -204,11 +260,19 @@ class ServerLoop:
 
         samples = meta[:, META["num_samples"]]
         byzantine = np.isin(cohort, self.byzantine_ids)
-        omniscient_attack(cfg, self.attack_params, updates, byzantine)
-        norms = aggregation.row_norms(updates) if k else np.empty(0)
         scores = np.full(k, np.nan)
         clipped = meta[:, META["clipped_fraction"]]
-        if cfg.privacy.mode == "client_central":
+        if cfg.transport == "reduce":
+            norms = meta[:, META["update_norm"]]
+        else:
+            omniscient_attack(cfg, self.attack_params, updates, byzantine)
+            norms = aggregation.row_norms(updates) if k else np.empty(0)
+        if cfg.transport == "reduce":
+            total_samples = samples.sum()
+            vector = updates / total_samples if total_samples else np.zeros(self.model.size)
+            selected = samples > 0
+            scores = samples / total_samples if total_samples else scores
+        elif cfg.privacy.mode == "client_central":
             vector, was_clipped = central_dp_aggregate(cfg, updates, r)
             clipped = was_clipped.astype(np.float64)
             selected = np.ones(k, dtype=bool)
@@ -267,7 +331,3 @@ class ServerLoop:
                   f"{time.perf_counter() - t0:.2f} s", flush=True)
 
 
-def run_server(cfg: Config, comm, data: FederatedData, model: FlatModel, weights: np.ndarray,
-               writer: ResultsWriter, quiet: bool = False) -> np.ndarray:
-    """Run all rounds from ``weights``; return the final global weights."""
-    return ServerLoop(cfg, comm, data, model, weights, writer, quiet).run()

@@ -54,7 +54,7 @@ class LocalTrainer:
 
             self.per_example = PerExampleGradients(model.module)
             self.grad_views = [p.grad for p in model.module.parameters()]
-            self.noise = torch.empty_like(model.flat)
+            self.noise_cpu = torch.empty(model.size, dtype=torch.float32)
 
     def _batches(self, n: int, gen: torch.Generator):
         t = self.cfg.train
@@ -79,7 +79,8 @@ class LocalTrainer:
         if n == 0:
             out[:] = 0.0
             return ClientResult(0, float("nan"), 0)
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        device = self.model.device
+        xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
         gen = torch.Generator().manual_seed(seeding.torch_seed(self.cfg.seed, "shuffle", round_index, client_id))
         if self.dp:
             noise_gen = torch.Generator().manual_seed(seeding.torch_seed(self.cfg.seed, "dp_noise", round_index, client_id))
@@ -95,8 +96,9 @@ class LocalTrainer:
                 else:
                     grad.zero_()
                     batch_loss = 0.0
-                torch.randn(grad.shape, generator=noise_gen, out=self.noise)
-                grad.add_(self.noise, alpha=noise_std)
+                # drawn on the CPU whatever the device: the same noise on CPU and GPU
+                torch.randn(grad.shape, generator=noise_gen, out=self.noise_cpu)
+                grad.add_(self.noise_cpu.to(device, non_blocking=True), alpha=noise_std)
                 grad.div_(expected_size)
             else:
                 grad.zero_()
@@ -117,7 +119,7 @@ class LocalTrainer:
             loss_sum += batch_loss
             seen += len(idx)
             steps += 1
-        np.subtract(flat.numpy(), global_weights, out=out)
+        np.subtract(self.model.weights(), global_weights, out=out)
         return ClientResult(n, loss_sum / seen if seen else float("nan"), steps,
                             clipped / seen if self.dp and seen else float("nan"))
 
@@ -128,8 +130,8 @@ def evaluate(model: FlatModel, weights: np.ndarray, x: np.ndarray, y: np.ndarray
     loss_sum, correct = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(y), batch_size):
-            xb = torch.from_numpy(x[start:start + batch_size])
-            yb = torch.from_numpy(y[start:start + batch_size])
+            xb = torch.from_numpy(x[start:start + batch_size]).to(model.device)
+            yb = torch.from_numpy(y[start:start + batch_size]).to(model.device)
             logits = model.module(xb)
             loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
             correct += int((logits.argmax(1) == yb).sum())

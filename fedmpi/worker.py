@@ -2,11 +2,13 @@
 
 One round as a worker sees it::
 
-    Bcast header (command, round, cohort size)   -- stop when command is STOP
+    Ibcast header (command, round, cohort size), waited for asleep -- stop when command is STOP
     Bcast cohort client ids
     Bcast global weights (flat float32)
     train my contiguous block of cohort slots, in slot order, into one (k, d) buffer
-    Gatherv rows, Gatherv per-client records (float64 rows of META_FIELDS)
+    Ibarrier, waited for asleep (every worker done training)
+    Gatherv rows, Gatherv per-client records (float64 rows of META_FIELDS);
+      with transport: reduce, Gatherv the records and Reduce the weighted sum of the rows
 
 Which slots a rank trains depends on the world size, but what a client computes
 does not (its randomness is keyed by seed, round and client id), so the gathered
@@ -19,14 +21,14 @@ import time
 
 import numpy as np
 
-from . import attacks, seeding
+from . import aggregation, attacks, seeding
 from .config import Config
 from .data import FederatedData
 from .models import FlatModel
 from .training import LocalTrainer
 
 CMD_STOP, CMD_ROUND = 0, 1
-META_FIELDS = ("num_samples", "train_loss", "steps", "train_s", "clipped_fraction")
+META_FIELDS = ("num_samples", "train_loss", "steps", "train_s", "clipped_fraction", "update_norm")
 META = {name: i for i, name in enumerate(META_FIELDS)}
 
 
@@ -68,6 +70,7 @@ class ClientHost:
             elif self.cfg.privacy.mode == "client_local":
                 clipped_fraction = float(self.privatise_update(rows[i], round_index, cid))
             meta[i, META["clipped_fraction"]] = clipped_fraction
+            meta[i, META["update_norm"]] = aggregation.row_norms(rows[i:i + 1])[0]
             meta[i, META["num_samples"]] = result.num_samples
             meta[i, META["train_loss"]] = result.train_loss
             meta[i, META["steps"]] = result.steps
@@ -86,15 +89,23 @@ class ClientHost:
         return clipped
 
 
-def run_worker(cfg: Config, comm, data: FederatedData, model: FlatModel) -> None:
+def weighted_total(rows: np.ndarray, meta: np.ndarray) -> np.ndarray:
+    """transport: reduce: sum_i n_i * update_i over this rank's clients, float64 (d,)."""
+    if not len(rows):
+        return np.zeros(rows.shape[1])
+    return aggregation.weighted_sum(rows, meta[:, META["num_samples"]])
+
+
+def run_worker(cfg: Config, comm, data: FederatedData, model: FlatModel) -> int:
+    """Serve rounds until STOP; return the exit status rank 0 sent with it."""
     host = ClientHost(cfg, data, model)
     header = np.zeros(3, dtype=np.int64)
     weights = np.empty(model.size, dtype=np.float32)
     rows = np.empty((0, model.size), dtype=np.float32)
     while True:
-        comm.bcast(header)
+        comm.bcast_idle(header)
         if header[0] == CMD_STOP:
-            return
+            return int(header[1])
         round_index, cohort_size = int(header[1]), int(header[2])
         cohort = np.empty(cohort_size, dtype=np.int64)
         comm.bcast(cohort)
@@ -106,5 +117,10 @@ def run_worker(cfg: Config, comm, data: FederatedData, model: FlatModel) -> None
             rows = np.empty((len(mine), model.size), dtype=np.float32)
         meta = np.zeros((len(mine), len(META_FIELDS)))
         host.train_slots(round_index, mine, weights, rows, meta)
-        comm.gather_rows(rows, None, counts)
-        comm.gather_rows(meta, None, counts)
+        comm.barrier_idle()
+        if cfg.transport == "reduce":
+            comm.gather_rows(meta, None, counts)
+            comm.reduce_sum(weighted_total(rows, meta), None)
+        else:
+            comm.gather_rows(rows, None, counts)
+            comm.gather_rows(meta, None, counts)

@@ -12,8 +12,8 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import fedmpi_env, mpirun_path, run_job
 
+from conftest import fedmpi_env, mpirun_path, run_job
 from fedmpi.results import load
 
 ATTACK = ["--set", "clients.total=20", "--set", "clients.per_round=20", "--set", "attack.name=sign_flip",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from conftest import CONFIGS, make_idx_dataset, run_job, write_idx
 
 
@@ -62,6 +63,10 @@ CONFIG_CASES = {
     "central dp with krum": (["--set", "privacy.mode=client_central", "--set", "privacy.noise_multiplier=1",
                               "--set", "aggregator.name=krum", "--set", "privacy.accountant=rdp"],
                              "privacy.mode = 'client_central'", "only aggregator.name = fedavg"),
+    "memory budget too small": (["--set", "memory_limit_gb=0.05"], "clients.per_round = 16",
+                                "over its budget of 0.05 GiB (memory_limit_gb = 0.05)", "transport: reduce"),
+    "reduce with a robust rule": (["--set", "transport=reduce", "--set", "aggregator.name=median"],
+                                  "transport = 'reduce'", "aggregator.name = median needs every row"),
     "normalizing synthetic data": (["--set", "data.name=synthetic", "--set", "data.normalize=standard"],
                                    "data.normalize = 'standard'", "allowed: none"),
 }

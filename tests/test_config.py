@@ -7,8 +7,8 @@ import json
 
 import pytest
 import yaml
-from conftest import CONFIGS
 
+from conftest import CONFIGS
 from fedmpi.config import Config, ConfigError, apply_override, from_dict, load, read_file, validate
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_idx_dataset, write_idx
 
+from conftest import make_idx_dataset, write_idx
 from fedmpi import seeding
 from fedmpi.config import from_dict, validate
 from fedmpi.data import (

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 import h5py
-from conftest import REPO, run_job
 
+from conftest import REPO, run_job
 from fedmpi.results import CLIENT_FIELDS, ROUND_FIELDS, open_results
 
 

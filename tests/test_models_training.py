@@ -21,6 +21,14 @@ def test_mcmahan_cnn_parameter_count():
     assert sum(p.numel() for p in model.parameters()) == 1_663_370  # as published by McMahan et al. 2017
 
 
+@pytest.mark.parametrize("cfg, shape", [(ModelConfig(name="cnn"), (3, 12, 10)), (ModelConfig(hidden=[7, 5]), (1, 8, 8)),
+                                        (ModelConfig(name="logreg"), (60,))])
+def test_parameter_count_without_building_the_model(cfg, shape):
+    from fedmpi.config import count_params
+
+    assert count_params(cfg, shape, 7) == sum(p.numel() for p in build_model(cfg, shape, 7).parameters())
+
+
 def test_mlp_shape_and_layout_is_contiguous():
     model = build_model(ModelConfig(name="mlp", hidden=[200, 200]), (1, 8, 8), 10)
     specs = layout(model)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import CONFIGS, run_job
 
+from conftest import CONFIGS, run_job
 from fedmpi import privacy
 from fedmpi.results import open_results
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import CONFIGS, run_job
 
+from conftest import CONFIGS, run_job
 from fedmpi.results import open_results
 
 SIGN_FLIP = ["--set", "clients.total=20", "--set", "clients.per_round=20", "--set", "attack.name=sign_flip",
