@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import flatten
 from .results import ResultsError, RunResults, _check_not_truncated, load
 
 IGNORED_KEYS = ("output.path", "output.overwrite")
@@ -51,18 +52,6 @@ def find_files(paths: list[str]) -> list[str]:
         else:
             out.append(path)
     return out
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    """Nested config -> {"a.b.c": value}; lists and small mappings stay values."""
-    flat = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and key != "params":
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def differing_keys(runs: list[RunResults]) -> list[str]:

@@ -230,6 +230,18 @@ SERVER_LR_DEFAULTS = {"avg": 1.0, "fedavgm": 1.0, "fedadam": 0.01}
 # --------------------------------------------------------------------------- building
 
 
+def flatten(config: dict, prefix: str = "") -> dict:
+    """Nested config mapping -> {"a.b.c": value}; lists and ``attack.params`` stay values."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key != "params":
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def from_dict(data: Any, cls: type = Config, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping; missing keys take their defaults."""
     if data is None:

@@ -12,7 +12,13 @@ Start-up, in this order:
    the worker loop. With P = 1, rank 0 plays both roles.
 
 An exception on any rank prints that rank's traceback and aborts the whole job
-(``MPI_Abort``), so no rank is left waiting in a collective.
+(``MPI_Abort``), so no rank is left waiting in a collective. SIGTERM or SIGUSR1
+stops the run after the current round and a checkpoint (exit status 75);
+``--resume FILE`` continues it.
+
+Exit status: 0 done; 1 a rank failed; 2 bad input (config, data, a results file
+that exists, a budget the run cannot fit), before any work; 75 checkpointed after
+a signal.
 """
 
 from __future__ import annotations
@@ -47,16 +53,9 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
 
 
 def _without(d: dict, *keys: str) -> dict:
-    flat = {}
-
-    def walk(node, prefix=""):
-        for k, v in node.items():
-            if isinstance(v, dict) and v:
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[prefix + k] = v
-    walk(d)
-    return {k: v for k, v in flat.items() if not any(k == key or k.startswith(key + ".") for key in keys)}
+    """The flattened config without ``keys`` and the keys below them."""
+    return {k: v for k, v in config_mod.flatten(d).items()
+            if not any(k == key or k.startswith(key + ".") for key in keys)}
 
 
 def resolve_resume(args: argparse.Namespace) -> tuple[Config, dict]:
@@ -398,26 +397,5 @@ def _on_stop_signals(callback) -> None:
         signal.signal(sig, lambda signum, frame: callback(signal.Signals(signum).name))
 
 
-def exit_now(code: int) -> None:
-    """End the process without Python's interpreter teardown, which takes about a
-    second with torch loaded (3 ranks on 2 cores: 20% of a short run). Everything
-    is written and closed by now; streams are flushed and MPI finalised first.
-
-    Only for status 0: with a non-zero status (bad input, a checkpoint after a
-    signal) the normal exit keeps what mpiexec reports reliable, which a
-    process ending at once after MPI_Finalize does not (MPICH's Hydra then
-    reports 0, or 9 for ranks it killed)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if code:
-        sys.exit(code)
-    if "mpi4py.MPI" in sys.modules:
-        from mpi4py import MPI
-
-        if MPI.Is_initialized() and not MPI.Is_finalized():
-            MPI.Finalize()
-    os._exit(0)
-
-
 if __name__ == "__main__":
-    exit_now(main())
+    sys.exit(main())
