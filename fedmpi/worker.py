@@ -70,7 +70,8 @@ class ClientHost:
             elif self.cfg.privacy.mode == "client_local":
                 clipped_fraction = float(self.privatise_update(rows[i], round_index, cid))
             meta[i, META["clipped_fraction"]] = clipped_fraction
-            meta[i, META["update_norm"]] = aggregation.row_norms(rows[i:i + 1])[0]
+            if self.cfg.transport == "reduce":  # rank 0 never sees the row: the norm travels with the record
+                meta[i, META["update_norm"]] = aggregation.row_norms(rows[i:i + 1])[0]
             meta[i, META["num_samples"]] = result.num_samples
             meta[i, META["train_loss"]] = result.train_loss
             meta[i, META["steps"]] = result.steps
