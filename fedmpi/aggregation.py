@@ -17,6 +17,12 @@ Rules
 Pre-aggregation (rows in, rows out): :func:`nnm` (Allouah et al. 2023),
 :func:`bucketing` (Karimireddy et al. 2022), :func:`clip`.
 
+:data:`RULES` and :data:`PRE_STEPS` register each rule and step with what the
+run needs to know about it (its paper, the config keys it reads, what it
+requires of n and f, the state it keeps, whether it needs every row). Config
+validation, the round, the memory estimate and the docs checks read them; a
+new rule is one function plus one entry.
+
 Numerics. Norms and distances are float64. Pairwise squared distances come from
 one Gram-matrix product of the rows after subtracting the mean row, computed in
 float64 over column blocks that stay in cache. Centering matters: the
@@ -30,11 +36,15 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
+
+from .system import usable_cores
 
 # Columns per block when float32 rows are processed in float64: the float64
 # copy of one block stays in cache.
@@ -147,10 +157,7 @@ def _worker_threads() -> int:
         import threadpoolctl  # noqa: F401
     except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
         return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         value = os.environ.get(var, "")
         if value.isdigit() and int(value) > 0:
@@ -279,19 +286,14 @@ def _rank(scores: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- requirements
 
 
-def check_f(rule: str, n: int, f: int) -> None:
-    """Raise ValueError when ``rule`` cannot tolerate f Byzantine rows out of n."""
+def check_f(name: str, n: int, f: int) -> None:
+    """Raise ValueError when the rule or pre-aggregation step ``name`` cannot
+    tolerate f Byzantine rows out of n (its registry entry states what it needs)."""
     if not isinstance(f, (int, np.integer)) or f < 0:
-        raise ValueError(f"{rule}: f must be a non-negative integer, got {f!r}")
-    need = {
-        "krum": (2 * f + 3, "n >= 2f + 3"),
-        "multi_krum": (2 * f + 3, "n >= 2f + 3"),
-        "bulyan": (4 * f + 3, "n >= 4f + 3"),
-        "trimmed_mean": (2 * f + 1, "2f < n"),
-        "nnm": (f + 1, "f < n"),
-    }
-    if rule in need and n < need[rule][0]:
-        raise ValueError(f"{rule} needs {need[rule][1]}; got n = {n}, f = {f}")
+        raise ValueError(f"{name}: f must be a non-negative integer, got {f!r}")
+    entry = RULES.get(name) or PRE_STEPS.get(name)
+    if entry is not None and entry.min_rows is not None and n < entry.min_rows(f):
+        raise ValueError(f"{name} needs {entry.requirement}; got n = {n}, f = {f}")
 
 
 # --------------------------------------------------------------------------- rules
@@ -566,14 +568,18 @@ def bucketing(updates: np.ndarray, s: int, rng: np.random.Generator) -> np.ndarr
     return average_groups(updates, bucket_assignment(updates.shape[0], s, rng))
 
 
+def clip_factors(norms: np.ndarray, max_norm: float) -> np.ndarray:
+    """Per row, the factor min(1, max_norm / norm) that clips it to ``max_norm``."""
+    return np.minimum(1.0, max_norm / np.maximum(norms, np.finfo(float).tiny))
+
+
 def clip(updates: np.ndarray, max_norm: float) -> np.ndarray:
     """Scale every row whose L2 norm exceeds ``max_norm`` down to ``max_norm``.
     Returns a new float64 array."""
     updates = _as_updates(updates)
     if max_norm <= 0:
         raise ValueError(f"clip needs max_norm > 0, got {max_norm}")
-    norms = row_norms(updates)
-    factors = np.minimum(1.0, max_norm / np.maximum(norms, np.finfo(float).tiny))
+    factors = clip_factors(row_norms(updates), max_norm)
     out = np.empty(updates.shape)
 
     def scale_block(cols, block):
@@ -581,3 +587,98 @@ def clip(updates: np.ndarray, max_norm: float) -> np.ndarray:
 
     _for_blocks(updates, scale_block)
     return out
+
+
+# --------------------------------------------------------------------------- pre-aggregation as steps
+
+
+@dataclass
+class Regrouped:
+    """What a pre-aggregation step did to the rows: the new rows; for steps that mix
+    rows, ``groups[r]`` lists the input rows averaged into new row r; ``row_of[i]``
+    is the new row that stands for input row i (None: the same index)."""
+
+    rows: np.ndarray
+    groups: list | None = None
+    row_of: np.ndarray | None = None
+
+
+def nnm_step(updates: np.ndarray, f: int) -> Regrouped:
+    groups = list(nnm_neighbours(updates, f))
+    return Regrouped(average_groups(updates, groups), groups)
+
+
+def bucketing_step(updates: np.ndarray, bucket_size: int, rng: np.random.Generator) -> Regrouped:
+    groups = bucket_assignment(len(updates), bucket_size, rng)
+    position = np.empty(len(updates), dtype=np.int64)
+    for b, group in enumerate(groups):
+        position[group] = b
+    return Regrouped(average_groups(updates, groups), groups, position)
+
+
+def clip_step(updates: np.ndarray, max_norm: float) -> Regrouped:
+    return Regrouped(clip(updates, max_norm))
+
+
+# --------------------------------------------------------------------------- registries
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A robust aggregation rule as the run uses it.
+
+    ``function(rows, **kwargs)`` returns an :class:`AggregationResult`; ``reads`` names
+    its keyword arguments: ``weights`` (client sample counts), ``f``, ``aggregator.*``
+    keys, and the names of the state it keeps. ``min_rows(f)`` / ``requirement``: the
+    rows it needs. ``init_state(d)`` / ``next_state(result)``: state kept between rounds
+    (checkpointed). ``needs_rows``: False only where a pre-summed weighted total is
+    enough (``transport: reduce``). ``memory(n, d, f)``: bytes it allocates beyond
+    the rows, for rank 0's memory estimate.
+    """
+
+    function: Callable[..., AggregationResult]
+    paper: str
+    reads: tuple[str, ...] = ()
+    min_rows: Callable[[int], int] | None = None
+    requirement: str = ""
+    init_state: Callable[[int], dict] | None = None
+    next_state: Callable[[AggregationResult], dict] | None = None
+    needs_rows: bool = True
+    memory: Callable[[int, int, int], int] = lambda n, d, f: 0
+
+
+@dataclass(frozen=True)
+class PreStep:
+    """A pre-aggregation step: ``function(rows, **kwargs)`` returns :class:`Regrouped`;
+    ``reads``: ``f``, ``rng`` (keyed by seed, round and step) and ``aggregator.pre[i].*``
+    keys; ``rows_after(n, step)``: rows it hands on; it allocates a float64 copy of them."""
+
+    function: Callable[..., Regrouped]
+    paper: str
+    reads: tuple[str, ...] = ()
+    rows_after: Callable[[int, Any], int] = lambda n, step: n
+    min_rows: Callable[[int], int] | None = None
+    requirement: str = ""
+
+
+RULES: dict[str, Rule] = {
+    "fedavg": Rule(fedavg, "McMahan et al. 2017", reads=("weights",), needs_rows=False),
+    "krum": Rule(krum, "Blanchard et al. 2017", reads=("f",), min_rows=lambda f: 2 * f + 3, requirement="n >= 2f + 3"),
+    "multi_krum": Rule(multi_krum, "Blanchard et al. 2017", reads=("f", "m"), min_rows=lambda f: 2 * f + 3,
+                       requirement="n >= 2f + 3"),
+    "median": Rule(median, "Yin et al. 2018"),
+    "trimmed_mean": Rule(trimmed_mean, "Yin et al. 2018", reads=("f",), min_rows=lambda f: 2 * f + 1, requirement="2f < n"),
+    "geometric_median": Rule(geometric_median, "Pillutla et al. 2022 (RFA)", reads=("weights", "smoothing", "tol", "max_iter")),
+    "bulyan": Rule(bulyan, "El Mhamdi et al. 2018", reads=("f",), min_rows=lambda f: 4 * f + 3, requirement="n >= 4f + 3",
+                   memory=lambda n, d, f: max(0, n - 2 * f) * d * 4),
+    "centered_clipping": Rule(centered_clipping, "Karimireddy et al. 2021", reads=("tau", "iterations", "center"),
+                              init_state=lambda d: {"center": np.zeros(d)},
+                              next_state=lambda result: {"center": result.vector.copy()}),
+}
+
+PRE_STEPS: dict[str, PreStep] = {
+    "nnm": PreStep(nnm_step, "Allouah et al. 2023", reads=("f",), min_rows=lambda f: f + 1, requirement="f < n"),
+    "bucketing": PreStep(bucketing_step, "Karimireddy et al. 2022", reads=("bucket_size", "rng"),
+                         rows_after=lambda n, step: math.ceil(n / step.bucket_size)),
+    "clip": PreStep(clip_step, "static norm clipping", reads=("max_norm",)),
+}

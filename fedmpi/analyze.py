@@ -24,16 +24,15 @@ import argparse
 import math
 import os
 import sys
-import time
 from typing import Any
 
 import numpy as np
 
-from .config import flatten
-from .results import ResultsError, RunResults, _check_not_truncated, load
+from .protocol import EXIT_BAD_INPUT, EXIT_OK
+from .results import ResultsError, RoundFollower, RunResults, load, progress_line
+from .schema import flatten
 
 IGNORED_KEYS = ("output.path", "output.overwrite")
-EXIT_BAD_INPUT = 2
 
 
 # --------------------------------------------------------------------------- loading
@@ -265,56 +264,15 @@ def make_plots(runs: list[RunResults], directory: str, fmt: str = "png") -> list
 def follow(path: str, poll_s: float = 0.2, timeout_s: float | None = None, out=sys.stdout) -> int:
     """Print each new round of a run as it is written; return when the run has
     finished (or after ``timeout_s`` without a new round). Returns rounds printed."""
-    import h5py
-
-    printed = 0
-    last_progress = time.monotonic()
-    f = None
-    try:
-        while f is None:
-            problem = "no results file appeared"
-            if os.path.exists(path):
-                try:
-                    _check_not_truncated(path)  # also true while the writer is still creating the file
-                    f = h5py.File(path, "r", libver="latest", swmr=True)
-                except (OSError, ResultsError) as exc:
-                    f, problem = None, f"the file did not become readable ({exc})"  # not in SWMR mode yet
-                if f is not None:
-                    if "rounds" not in f or "fedmpi_version" not in f.attrs:
-                        f.close()
-                        raise ResultsError(f"{path}: HDF5 file but not fedmpi results")
-                    break
-            if timeout_s is not None and time.monotonic() - last_progress > timeout_s:
-                raise ResultsError(f"{path}: {problem} within {timeout_s:g} s")
-            time.sleep(poll_s)
-        rounds = f["rounds"]
-        names = ("round", "test_accuracy", "test_loss", "train_loss", "epsilon", "wall_s")
-        print(f"following {path}", file=out, flush=True)
-        while True:
-            for name in names:
-                rounds[name].refresh()
-            f["run/finished"].refresh()
-            finished = bool(f["run/finished"][()])
-            available = min(rounds[name].shape[0] for name in names)
-            for i in range(printed, available):
-                row = {name: rounds[name][i] for name in names}
-                acc = f"acc {row['test_accuracy']:.4f}  loss {row['test_loss']:.4f}" if np.isfinite(row["test_accuracy"]) \
-                    else "acc    -    loss    -   "
-                eps = f"  eps {row['epsilon']:.3g}" if np.isfinite(row["epsilon"]) else ""
-                print(f"round {int(row['round']) + 1}  {acc}  train_loss {row['train_loss']:.4f}{eps}  "
-                      f"{row['wall_s']:.2f} s", file=out, flush=True)
-                printed += 1
-                last_progress = time.monotonic()
-            if finished and printed >= available:
-                print(f"finished: {printed} rounds", file=out, flush=True)
-                return printed
-            if timeout_s is not None and time.monotonic() - last_progress > timeout_s:
-                print(f"no new round for {timeout_s:g} s; stopping ({printed} rounds)", file=out, flush=True)
-                return printed
-            time.sleep(poll_s)
-    finally:
-        if f is not None:
-            f.close()
+    follower = RoundFollower(path, poll_s, timeout_s)
+    print(f"following {path}", file=out, flush=True)
+    for row in follower:
+        print(progress_line(row), file=out, flush=True)
+    if follower.finished:
+        print(f"finished: {follower.seen} rounds", file=out, flush=True)
+    else:
+        print(f"no new round for {timeout_s:g} s; stopping ({follower.seen} rounds)", file=out, flush=True)
+    return follower.seen
 
 
 # --------------------------------------------------------------------------- command line
@@ -333,7 +291,7 @@ def main(argv: list | None = None) -> int:
     try:
         if args.follow:
             follow(args.follow, timeout_s=args.timeout)
-            return 0
+            return EXIT_OK
         if not args.paths:
             parser.error("give results files or directories (or --follow FILE)")
         runs = [load(path) for path in find_files(args.paths)]
@@ -349,7 +307,7 @@ def main(argv: list | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

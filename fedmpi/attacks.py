@@ -1,44 +1,34 @@
 """Byzantine clients: who they are and what they send.
 
 The Byzantine clients are a fixed set of client ids for the whole run, drawn
-from (seed, "byzantine_set") or listed in the config. They behave in one of
-three ways:
+from (seed, "byzantine_set") or listed in the config. An attack acts at one or
+more of three points, each a hook of its :data:`ATTACKS` entry:
 
-- data side, on the worker: ``label_flip`` trains on labels y -> C - 1 - y;
-- update side, on the worker, after honest training: ``sign_flip`` sends
+- ``on_data``, on the client before local training: ``label_flip`` trains on
+  labels y -> C - 1 - y;
+- ``on_update``, on the client after honest training: ``sign_flip`` sends
   -lambda * update (lambda = 1 by default), ``scaling`` sends +lambda * update
   (model replacement, Bagdasaryan et al. 2020; lambda defaults to the cohort
   size), ``gaussian`` sends N(0, std^2) noise;
-- omniscient and colluding, on rank 0, from the honest rows of the cohort (all
-  Byzantine rows equal): ``alie`` (Baruch et al. 2019) sends mean - z * std per
-  coordinate, ``ipm`` (Xie et al. 2019) sends -eps * mean.
+- ``on_server``, omniscient and colluding, on rank 0 from the honest rows of
+  the cohort (all Byzantine rows equal): ``alie`` (Baruch et al. 2019) sends
+  mean - z * std per coordinate, ``ipm`` (Xie et al. 2019) sends -eps * mean.
 
-The functions here are pure; :func:`apply_update_attack` and
-:func:`apply_omniscient_attack` connect them to the config.
+The attack functions are pure; the hooks connect them to a run. Randomness
+comes from the generator the caller passes, keyed by (seed, "attack", round,
+client id) on the client.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from statistics import NormalDist
 
 import numpy as np
 
 from . import seeding
-
-WORKER_SIDE = ("label_flip", "sign_flip", "scaling", "gaussian")
-OMNISCIENT = ("alie", "ipm")
-
-# attack name -> {parameter: default}; None means "computed from the run".
-PARAMS = {
-    "none": {},
-    "label_flip": {},
-    "sign_flip": {"lambda": 1.0},
-    "scaling": {"lambda": None},
-    "gaussian": {"std": 1.0},
-    "alie": {"z": None},
-    "ipm": {"eps": 0.1},
-}
 
 
 def byzantine_clients(seed: int, total: int, fraction: float | None = None,
@@ -112,35 +102,102 @@ def ipm(honest: np.ndarray, eps: float) -> np.ndarray:
     return -eps * _column_stats(honest)[0]
 
 
-def resolved_params(name: str, given: dict, cohort_size: int) -> dict:
-    """The attack's parameters with defaults filled in."""
-    params = dict(PARAMS[name])
-    params.update(given)
-    if name == "scaling" and params["lambda"] is None:
+# --------------------------------------------------------------------------- hooks
+
+
+def label_flip_data(x: np.ndarray, y: np.ndarray, num_classes: int, params: Mapping, rng: np.random.Generator) -> tuple:
+    return x, flip_labels(y, num_classes)
+
+
+def sign_flip_update(update: np.ndarray, params: Mapping, rng: np.random.Generator) -> None:
+    update[:] = sign_flip(update, params["lambda"])
+
+
+def scaling_update(update: np.ndarray, params: Mapping, rng: np.random.Generator) -> None:
+    update[:] = scaling(update, params["lambda"])
+
+
+def gaussian_update(update: np.ndarray, params: Mapping, rng: np.random.Generator) -> None:
+    update[:] = gaussian(update.size, params["std"], rng)
+
+
+def _colluding(vector_of: Callable[[np.ndarray, int, int, Mapping], np.ndarray]):
+    """An on_server hook: every Byzantine row becomes ``vector_of(honest, n, f, params)``.
+    With no honest row (or no Byzantine row) in the cohort the rows stay as they are."""
+
+    def hook(updates: np.ndarray, byzantine: np.ndarray, params: Mapping) -> None:
+        n, f = len(byzantine), int(byzantine.sum())
+        if f == 0 or f == n:
+            return
+        honest = updates[~byzantine]  # a copy of the honest rows, in their own dtype
+        updates[byzantine] = vector_of(honest, n, f, params).astype(updates.dtype)
+
+    return hook
+
+
+def _alie_vector(honest: np.ndarray, n: int, f: int, params: Mapping) -> np.ndarray:
+    z = params.get("z")
+    if z is None:
+        # with a Byzantine majority no supporters are needed: use the largest finite z
+        z = alie_zmax(n, f) if math.floor(n / 2 + 1) - f > 0 else NormalDist().inv_cdf((n - 1) / n)
+    return alie(honest, n, f, z)
+
+
+def _ipm_vector(honest: np.ndarray, n: int, f: int, params: Mapping) -> np.ndarray:
+    return ipm(honest, params["eps"])
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One attack: its paper, its parameters (name -> default; None: computed from
+    the run by ``resolve``), which must be > 0, and its hooks:
+    ``on_data(x, y, num_classes, params, rng) -> (x, y)`` before local training,
+    ``on_update(update, params, rng)`` in place after it, ``on_server(updates,
+    byzantine, params)`` in place on rank 0 with every row of the cohort."""
+
+    paper: str
+    params: Mapping[str, float | None] = field(default_factory=dict)
+    positive: tuple[str, ...] = ()
+    resolve: Callable[[dict, int], dict] | None = None
+    on_data: Callable | None = None
+    on_update: Callable | None = None
+    on_server: Callable | None = None
+
+    @property
+    def needs_rows(self) -> bool:
+        """Whether rank 0 must see every row (no pre-summing workers)."""
+        return self.on_server is not None
+
+
+def _default_scaling(params: dict, cohort_size: int) -> dict:
+    if params["lambda"] is None:
         params["lambda"] = float(cohort_size)
     return params
 
 
-def apply_update_attack(name: str, params: dict, update: np.ndarray, seed: int, round_index: int, client_id: int) -> None:
-    """Replace a Byzantine client's trained update in place (worker side)."""
-    if name == "sign_flip":
-        update[:] = sign_flip(update, params["lambda"])
-    elif name == "scaling":
-        update[:] = scaling(update, params["lambda"])
-    elif name == "gaussian":
-        update[:] = gaussian(update.size, params["std"], seeding.rng(seed, "attack", round_index, client_id))
+ATTACKS: dict[str, Attack] = {
+    "none": Attack("no attack"),
+    "label_flip": Attack("label flipping, y -> C - 1 - y", on_data=label_flip_data),
+    "sign_flip": Attack("sign flipping, -lambda x update", {"lambda": 1.0}, ("lambda",), on_update=sign_flip_update),
+    "scaling": Attack("Bagdasaryan et al. 2020 (model replacement scaling)", {"lambda": None}, ("lambda",),
+                      resolve=_default_scaling, on_update=scaling_update),
+    "gaussian": Attack("Gaussian noise N(0, std^2)", {"std": 1.0}, ("std",), on_update=gaussian_update),
+    "alie": Attack("Baruch et al. 2019 (A Little Is Enough)", {"z": None}, on_server=_colluding(_alie_vector)),
+    "ipm": Attack("Xie et al. 2019 (inner product manipulation)", {"eps": 0.1}, ("eps",), on_server=_colluding(_ipm_vector)),
+}
 
 
-def apply_omniscient_attack(name: str, params: dict, updates: np.ndarray, byzantine: np.ndarray) -> None:
-    """Overwrite the Byzantine rows of ``updates`` in place with the colluding vector
-    computed from the honest rows (rank 0). With no honest row in the cohort the
-    Byzantine rows are left as they are."""
-    n_byz = int(byzantine.sum())
-    if n_byz == 0 or n_byz == len(byzantine):
-        return
-    honest = updates[~byzantine]  # a copy of the honest rows, in their own dtype
-    if name == "alie":
-        vector = alie(honest, len(byzantine), n_byz, params.get("z"))
-    else:
-        vector = ipm(honest, params["eps"])
-    updates[byzantine] = vector.astype(updates.dtype)
+def resolved_params(name: str, given: Mapping, cohort_size: int) -> dict:
+    """The attack's parameters with defaults filled in."""
+    entry = ATTACKS[name]
+    params = dict(entry.params)
+    params.update(given)
+    return entry.resolve(params, cohort_size) if entry.resolve else params
+
+
+def client_rng(seed: int, round_index: int, client_id: int) -> np.random.Generator:
+    """The generator of a Byzantine client's attack randomness in one round."""
+    return seeding.rng(seed, "attack", round_index, client_id)

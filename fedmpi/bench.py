@@ -172,7 +172,7 @@ def comm_worker(sizes: list[int], repeats: int) -> None:
     from mpi4py import MPI
 
     from .comm import MPIComm, prepare_environment
-    from .worker import slot_counts
+    from .protocol import slot_counts
 
     prepare_environment()
     comm = MPIComm()
@@ -290,7 +290,7 @@ def _dp_step_times(model_cfg, batch: int, repeats: int) -> dict[str, float]:
     import torch.nn.functional as F
 
     from .models import FlatModel, build_model
-    from .privacy import PerExampleGradients
+    from .privacy.dpsgd import PerExampleGradients
 
     module = build_model(model_cfg, (1, 28, 28), 10)
     flat = FlatModel(module)
@@ -318,7 +318,7 @@ def _dp_step_times(model_cfg, batch: int, repeats: int) -> dict[str, float]:
 def bench_dp(quick: bool = False, batch: int = 64) -> list[dict]:
     import torch
 
-    from .config import ModelConfig
+    from .schema import ModelConfig
 
     torch.set_num_threads(1)
     rows = []

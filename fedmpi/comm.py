@@ -10,10 +10,9 @@ so ``python -m fedmpi.run`` works on a machine that has no MPI at all.
 
 Waiting is done asleep where waits are long (the next round's header, the
 workers finishing their training): a non-blocking call polled with growing
-sleeps, so idle ranks leave the cores to the ranks that train (measured: two
-workers and a server on 2 cores train each client 2x faster than with the
-server spinning in a blocking Gatherv). The bulk transfers then run blocking,
-with every rank ready.
+sleeps, so idle ranks leave the cores to the ranks that train. The bulk
+transfers then run blocking, with every rank ready. (What this is worth, as
+measured, is in docs/performance.md.)
 
 Before MPI is initialised, :func:`prepare_environment` reads the launcher's
 variables and, when this node runs more ranks than it has cores, enables
@@ -32,9 +31,7 @@ from typing import Any
 
 import numpy as np
 
-# Exit status of every rank when SIGTERM / SIGUSR1 stopped the run after a checkpoint:
-# the job script requeues the job, which continues with --resume.
-EXIT_CHECKPOINTED = 75
+from .system import usable_cores
 
 _RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS")
@@ -58,13 +55,6 @@ def launcher_rank() -> int:
 
 def launcher_size() -> int:
     return _env_int(_SIZE_VARS) or 1
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS
-        return os.cpu_count() or 1
 
 
 def prepare_environment() -> bool:
@@ -106,9 +96,6 @@ class SingleProcess:
     def reduce_sum(self, local: np.ndarray, out: np.ndarray | None) -> None:
         if out is not None and out is not local:
             out[...] = local
-
-    def barrier(self) -> None:
-        pass
 
     def local_rank(self) -> int:
         return 0
@@ -184,9 +171,6 @@ class MPIComm:
     def reduce_sum(self, local: np.ndarray, out: np.ndarray | None) -> None:
         """Element-wise sum of every rank's ``local`` into ``out`` on rank 0 (MPI Reduce)."""
         self.comm.Reduce(local, out if self.rank == 0 else None, op=self.MPI.SUM, root=0)
-
-    def barrier(self) -> None:
-        self.comm.Barrier()
 
     def local_rank(self) -> int:
         """This rank's index among the ranks on its node (shared-memory split)."""

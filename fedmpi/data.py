@@ -3,6 +3,9 @@
 Datasets: ``synthetic`` (FedProx's Synthetic(alpha, beta), Li et al. 2020),
 ``digits`` (UCI handwritten digits, shipped inside scikit-learn), ``mnist`` and
 ``fashion_mnist`` (standard IDX files in a directory), ``npz`` (user arrays).
+Each is one :data:`DATASETS` entry: in-memory data sets give their arrays
+(then normalised and partitioned here), naturally federated ones build their
+clients themselves. A new in-memory data set is one loader plus one entry.
 
 Partitioners: ``iid``; ``dirichlet`` label skew (Hsu et al. 2019); ``shards``,
 k label-sorted shards per client (McMahan et al. 2017).
@@ -25,13 +28,13 @@ import shutil
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import seeding
-from .config import Config, ConfigError
+from .schema import Config, ConfigError, DataConfig
 
 
 class DataError(ConfigError):
@@ -216,10 +219,6 @@ def load_npz_arrays(path: str) -> tuple:
             _images(arrays["x_test"]), arrays["y_test"].astype(np.int64))
 
 
-# Largest stored value per source, for the [0, 1] scaling.
-VALUE_RANGE = {"digits": 16.0, "mnist": 255.0, "fashion_mnist": 255.0}
-
-
 def normalize(x_train: np.ndarray, x_test: np.ndarray, mode: str, value_range: float) -> tuple:
     """Apply ``data.normalize`` to both splits; return (x_train, x_test, mean, std).
 
@@ -319,48 +318,118 @@ def partition_shards(labels: np.ndarray, clients: int, shards_per_client: int, r
             for c in range(clients)]
 
 
+# data.partition.name -> (labels, clients, partition config, rng) -> index arrays per client
+PARTITIONS: dict[str, Callable] = {
+    "iid": lambda labels, clients, p, rng: partition_iid(len(labels), clients, rng),
+    "dirichlet": lambda labels, clients, p, rng: partition_dirichlet(labels, clients, p.alpha, rng, p.min_samples),
+    "shards": lambda labels, clients, p, rng: partition_shards(labels, clients, p.shards_per_client, rng),
+}
+
+
 def partition(labels: np.ndarray, cfg: Config) -> list:
     p, n_clients = cfg.data.partition, cfg.clients.total
     if n_clients > len(labels):
         raise DataError("clients.total", n_clients, f"more clients than training samples ({len(labels)})")
-    g = seeding.rng(cfg.seed, "partition")
-    if p.name == "iid":
-        return partition_iid(len(labels), n_clients, g)
-    if p.name == "dirichlet":
-        return partition_dirichlet(labels, n_clients, p.alpha, g, p.min_samples)
-    return partition_shards(labels, n_clients, p.shards_per_client, g)
+    return PARTITIONS[p.name](labels, n_clients, p, seeding.rng(cfg.seed, "partition"))
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def digits_arrays(cfg: Config) -> tuple:
+    x, y = load_digits_arrays()
+    return split_train_test(x, y, cfg.data.test_fraction, cfg.seed)
+
+
+def idx_arrays(name: str) -> Callable[[Config], tuple]:
+    return lambda cfg: load_idx_arrays(name, cfg.data.dir)
+
+
+def npz_arrays(cfg: Config) -> tuple:
+    return load_npz_arrays(cfg.data.path)
+
+
+def check_idx_files(name: str) -> Callable[[DataConfig], None]:
+    return lambda d: check_idx_dir(name, d.dir)
+
+
+def check_npz_file(d: DataConfig) -> None:
+    if not os.path.isfile(d.path):
+        raise DataError("data.path", d.path, "file not found")
+
+
+def synthetic_federated(cfg: Config, need_test: bool) -> FederatedData:
+    s = cfg.data.synthetic
+    data = FederatedData(input_shape=(s.dim,), num_classes=s.classes, num_clients=cfg.clients.total,
+                         generate=lambda cid: synthetic_client(cfg, cid))
+    if need_test:
+        tests = [synthetic_client(cfg, cid)[2:] for cid in range(cfg.clients.total)]
+        data.x_test = np.concatenate([t[0] for t in tests])
+        data.y_test = np.concatenate([t[1] for t in tests])
+    return data
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One data set.
+
+    ``arrays(cfg) -> (x_train, y_train, x_test, y_test)`` for in-memory data, which
+    are normalised (``value_range``: the largest stored value, None: 255 for integer
+    arrays, else 1) and split over clients by ``data.partition``; or
+    ``federated(cfg, need_test) -> FederatedData`` for data that come split over
+    clients. ``reads``: the ``data.*`` keys it uses besides name and normalize;
+    ``required``: keys it cannot do without, with what they hold; ``default_dir``:
+    ``data.dir`` defaults to data/<name>; ``check_files(data_cfg)``: cheap checks
+    run before any MPI traffic."""
+
+    source: str
+    arrays: Callable[[Config], tuple] | None = None
+    federated: Callable[[Config, bool], FederatedData] | None = None
+    value_range: float | None = None
+    normalize: tuple[str, ...] = ("standard", "unit", "none")
+    reads: tuple[str, ...] = ()
+    required: Mapping[str, str] = field(default_factory=dict)
+    default_dir: bool = False
+    check_files: Callable[[DataConfig], None] | None = None
+
+    @property
+    def default_normalize(self) -> str:
+        return self.normalize[0]
+
+
+DATASETS: dict[str, Dataset] = {
+    "synthetic": Dataset("FedProx Synthetic(alpha, beta), Li et al. 2020", federated=synthetic_federated,
+                         normalize=("none",), reads=("synthetic", "test_fraction")),
+    "digits": Dataset("UCI handwritten digits (shipped with scikit-learn)", digits_arrays, value_range=16.0,
+                      reads=("test_fraction", "partition")),
+    "mnist": Dataset("MNIST, LeCun et al. 1998 (IDX files)", idx_arrays("mnist"), value_range=255.0,
+                     reads=("dir", "partition"), default_dir=True, check_files=check_idx_files("mnist")),
+    "fashion_mnist": Dataset("Fashion-MNIST, Xiao et al. 2017 (IDX files)", idx_arrays("fashion_mnist"), value_range=255.0,
+                             reads=("dir", "partition"), default_dir=True, check_files=check_idx_files("fashion_mnist")),
+    "npz": Dataset("user arrays in an .npz file", npz_arrays, reads=("path", "partition"),
+                   required={"path": "an .npz file with x_train, y_train, x_test, y_test"}, check_files=check_npz_file),
+}
 
 
 # --------------------------------------------------------------------------- entry point
 
 
 def check_files(cfg: Config) -> None:
-    """Cheap existence checks, run during config validation on every rank."""
-    if cfg.data.name in ("mnist", "fashion_mnist"):
-        check_idx_dir(cfg.data.name, cfg.data.dir)
+    """Cheap existence checks, run on every rank before MPI traffic."""
+    entry = DATASETS[cfg.data.name]
+    if entry.check_files is not None:
+        entry.check_files(cfg.data)
 
 
 def load(cfg: Config, need_train: bool = True, need_test: bool = True) -> FederatedData:
     """Load (or generate) the configured data and split it over ``clients.total`` clients."""
     d = cfg.data
-    if d.name == "synthetic":
-        s = d.synthetic
-        data = FederatedData(input_shape=(s.dim,), num_classes=s.classes, num_clients=cfg.clients.total,
-                             generate=lambda cid: synthetic_client(cfg, cid))
-        if need_test:
-            tests = [synthetic_client(cfg, cid)[2:] for cid in range(cfg.clients.total)]
-            data.x_test = np.concatenate([t[0] for t in tests])
-            data.y_test = np.concatenate([t[1] for t in tests])
-        return data
-    if d.name == "digits":
-        x, y = load_digits_arrays()
-        x_train, y_train, x_test, y_test = split_train_test(x, y, d.test_fraction, cfg.seed)
-    elif d.name == "npz":
-        x_train, y_train, x_test, y_test = load_npz_arrays(d.path)
-    else:
-        x_train, y_train, x_test, y_test = load_idx_arrays(d.name, d.dir)
-    # integer npz data are scaled like 8-bit pixels; float npz data are taken as in [0, 1]
-    value_range = VALUE_RANGE.get(d.name, 255.0 if np.issubdtype(x_train.dtype, np.integer) else 1.0)
+    entry = DATASETS[d.name]
+    if entry.federated is not None:
+        return entry.federated(cfg, need_test)
+    x_train, y_train, x_test, y_test = entry.arrays(cfg)
+    # integer data are scaled like 8-bit pixels; float data are taken as in [0, 1]
+    value_range = entry.value_range or (255.0 if np.issubdtype(x_train.dtype, np.integer) else 1.0)
     x_train, x_test, mean, std = normalize(x_train, x_test, d.normalize, value_range)
     num_classes = int(max(y_train.max(), y_test.max())) + 1
     indices = partition(y_train, cfg)

@@ -1,9 +1,9 @@
-"""Models and the flat-vector view of their parameters.
+"""Torch modules built from the registered architectures, and the flat-vector view
+of their parameters.
 
-Models: multinomial logistic regression, an MLP with configurable hidden sizes,
-and the MNIST CNN of McMahan et al. 2017 (two 5x5 conv layers with 32 and 64
-channels, each followed by 2x2 max pooling, a 512-unit ReLU layer, softmax;
-1,663,370 parameters on 28x28 inputs).
+The architectures themselves (logistic regression, MLP, McMahan et al.'s CNN)
+are layer specs in :mod:`fedmpi.architectures`; this module turns them into
+torch modules.
 
 Between ranks a model is one contiguous float32 vector. :class:`FlatModel` makes
 the module's parameters and gradients *views* into two flat buffers, so loading
@@ -12,39 +12,30 @@ the global weights is one copy and the local update is one subtraction.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from . import seeding
+from .architectures import layers
+from .schema import ModelConfig
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> nn.Module:
-    """The configured model for inputs of ``input_shape`` (without the batch dim)."""
-    features = int(math.prod(input_shape))
-    if cfg.name == "logreg":
-        return nn.Sequential(nn.Flatten(), nn.Linear(features, num_classes))
-    if cfg.name == "mlp":
-        layers: list[nn.Module] = [nn.Flatten()]
-        width = features
-        for hidden in cfg.hidden:
-            layers += [nn.Linear(width, hidden), nn.ReLU()]
-            width = hidden
-        layers.append(nn.Linear(width, num_classes))
-        return nn.Sequential(*layers)
-    if len(input_shape) != 3:
-        raise ValueError(f"model.name = 'cnn' needs image inputs (C, H, W); the data gives samples of shape {input_shape}")
-    channels, height, width = input_shape
-    return nn.Sequential(
-        nn.Conv2d(channels, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(64 * (height // 4) * (width // 4), 512), nn.ReLU(),
-        nn.Linear(512, num_classes),
-    )
+    """The configured model for inputs of ``input_shape`` (without the batch dim), built
+    from its layer specs in :mod:`fedmpi.architectures`."""
+    return nn.Sequential(*(_MODULES[layer.kind](*layer.args) for layer in layers(cfg, input_shape, num_classes)))
+
+
+_MODULES = {
+    "flatten": nn.Flatten,
+    "linear": nn.Linear,
+    "relu": nn.ReLU,
+    "conv2d": lambda c_in, c_out, kernel, padding: nn.Conv2d(c_in, c_out, kernel, padding=padding),
+    "maxpool2d": nn.MaxPool2d,
+}
 
 
 @dataclass(frozen=True)
@@ -81,8 +72,6 @@ def load_flat(model: nn.Module, vector: np.ndarray) -> None:
 
 def init_weights(model: nn.Module, seed: int) -> np.ndarray:
     """Re-initialise ``model`` from a keyed seed (not the ambient torch RNG); return the flat weights."""
-    from . import seeding
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seeding.torch_seed(seed, "init"))
         for module in model.modules():

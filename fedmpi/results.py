@@ -11,9 +11,12 @@ open for writing).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +59,26 @@ CLIENT_FIELDS = {
     "score": ("f8", "the aggregator's score for the slot (Krum score, kept fraction, weight...); NaN where the rule has none"),
     "clipped_fraction": ("f8", "DP: share of this client's per-example gradients clipped (sample), or 1/0 for its update"),
 }
+
+
+RoundRecord = dataclasses.make_dataclass(
+    "RoundRecord", [(name, Any) for name in ROUND_FIELDS], frozen=True,
+    namespace={"__doc__": "One row of /rounds: every field of ROUND_FIELDS, no more, no less."})
+
+ClientRecords = dataclasses.make_dataclass(
+    "ClientRecords", [(name, Any) for name in CLIENT_FIELDS], frozen=True,
+    namespace={"__doc__": "One round's rows of /clients, one array per field of CLIENT_FIELDS (one entry per slot)."})
+
+
+def progress_line(row: Mapping, rounds: int | None = None) -> str:
+    """The one-line view of a round (a RoundRecord's fields or a row read back), as
+    the run prints it and ``analyze --follow`` shows it; ``rounds``: the run's total."""
+    index = int(row["round"]) + 1
+    where = f"{index:>{len(str(rounds))}}/{rounds}" if rounds else f"{index}"
+    acc = (f"acc {row['test_accuracy']:.4f}  loss {row['test_loss']:.4f}" if np.isfinite(row["test_accuracy"])
+           else "acc    -    loss    -   ")
+    eps = f"  eps {row['epsilon']:.3g}" if np.isfinite(row["epsilon"]) else ""
+    return f"round {where}  {acc}  train_loss {row['train_loss']:.4f}{eps}  {row['wall_s']:.2f} s"
 
 
 def default_path() -> str:
@@ -150,12 +173,12 @@ class ResultsWriter:
         ds.resize((n + values.shape[0],) + ds.shape[1:])
         ds[n:] = values
 
-    def append_round(self, round_values: dict, client_values: dict) -> None:
+    def append_round(self, round_record: RoundRecord, client_records: ClientRecords) -> None:
         """One row of /rounds and one row per cohort slot of /clients; then flush."""
         for name in ROUND_FIELDS:
-            self._append(self.f["rounds"][name], [round_values[name]])
+            self._append(self.f["rounds"][name], [getattr(round_record, name)])
         for name in CLIENT_FIELDS:
-            self._append(self.f["clients"][name], client_values[name])
+            self._append(self.f["clients"][name], getattr(client_records, name))
         self.f.flush()
 
     def snapshot(self, round_index: int, weights: np.ndarray) -> None:
@@ -344,3 +367,87 @@ def load(path: str) -> RunResults:
         except (KeyError, OSError, ValueError) as exc:
             raise ResultsError(f"{path}: fedmpi results file is incomplete or damaged ({type(exc).__name__}: {exc})") from None
     return RunResults(path, config, attrs, rounds, clients, final, final_at, finished, privacy, layout)
+
+
+# --------------------------------------------------------------------------- what other commands ask of a file
+
+
+def status(path: str) -> tuple[str, int]:
+    """("pending" | "partial" | "done", rounds in the file): no file yet, a run that has
+    not finished (or a damaged file: ``--resume`` says what is wrong), a finished run."""
+    if not os.path.exists(path):
+        return "pending", 0
+    try:
+        with open_checked(path) as f:
+            f["run/finished"].refresh()
+            f["rounds/round"].refresh()
+            return ("done" if f["run/finished"][()] else "partial"), int(f["rounds/round"].shape[0])
+    except ResultsError:
+        return "partial", 0
+
+
+def run_info(path: str) -> dict:
+    """What deciding on a resume needs, cheaply: ``config`` (YAML text), ``attrs`` (root
+    attributes), ``finished``. Raises ResultsError for a file that cannot be used."""
+    with open_checked(path) as f:
+        f["run/finished"].refresh()
+        return {"config": f.attrs["config"], "attrs": dict(f.attrs), "finished": bool(f["run/finished"][()])}
+
+
+class RoundFollower:
+    """Iterate over the rows of /rounds (dicts of ROUND_FIELDS) as a run writes them.
+
+    Waits for the file to appear and become readable; the iteration ends when the
+    run has finished and every row was seen (:attr:`finished` is then True), or
+    after ``timeout_s`` seconds without a new row. Raises ResultsError for a file
+    that is not fedmpi results or never becomes readable within ``timeout_s``."""
+
+    def __init__(self, path: str, poll_s: float = 0.2, timeout_s: float | None = None):
+        self.path, self.poll_s, self.timeout_s = path, poll_s, timeout_s
+        self.finished = False
+        self.seen = 0
+
+    def _open(self):
+        import h5py
+
+        start = time.monotonic()
+        while True:
+            problem = "no results file appeared"
+            if os.path.exists(self.path):
+                try:
+                    _check_not_truncated(self.path)  # also true while the writer is still creating the file
+                    f = h5py.File(self.path, "r", libver="latest", swmr=True)
+                except (OSError, ResultsError) as exc:
+                    problem = f"the file did not become readable ({exc})"  # not in SWMR mode yet
+                else:
+                    if "rounds" not in f or "fedmpi_version" not in f.attrs:
+                        f.close()
+                        raise ResultsError(f"{self.path}: HDF5 file but not fedmpi results")
+                    return f
+            if self.timeout_s is not None and time.monotonic() - start > self.timeout_s:
+                raise ResultsError(f"{self.path}: {problem} within {self.timeout_s:g} s")
+            time.sleep(self.poll_s)
+
+    def __iter__(self) -> Iterator[dict]:
+        f = self._open()
+        try:
+            rounds = f["rounds"]
+            last_progress = time.monotonic()
+            while True:
+                for name in ROUND_FIELDS:
+                    rounds[name].refresh()
+                f["run/finished"].refresh()
+                finished = bool(f["run/finished"][()])
+                available = min(rounds[name].shape[0] for name in ROUND_FIELDS)
+                for i in range(self.seen, available):
+                    yield {name: rounds[name][i] for name in ROUND_FIELDS}
+                    self.seen += 1
+                    last_progress = time.monotonic()
+                if finished and self.seen >= available:
+                    self.finished = True
+                    return
+                if self.timeout_s is not None and time.monotonic() - last_progress > self.timeout_s:
+                    return
+                time.sleep(self.poll_s)
+        finally:
+            f.close()

@@ -2,23 +2,22 @@
 
 Start-up, in this order:
 
-1. every rank parses the arguments, loads and validates the config and loads
-   its data, *before* MPI is initialised (heavy yield is enabled first when
-   ranks outnumber cores);
+1. every rank parses the arguments, loads, resolves and validates the config
+   and runs the preflight checks (results path, data files, device, the data
+   themselves, the model against the data, rank 0's memory budget), *before*
+   MPI is initialised (heavy yield is enabled first when ranks outnumber cores);
+   rank 0 calibrates the noise to ``privacy.target_epsilon``;
 2. MPI is initialised and the ranks exchange one small status record, so a
    problem found on any rank stops all of them with one line and exit status 2,
-   before any results file exists;
-3. rank 0 creates the results file and runs the server loop; ranks >= 1 run
-   the worker loop. With P = 1, rank 0 plays both roles.
+   before any results file exists; the calibrated noise multiplier travels with
+   it and gives every rank the same run config;
+3. rank 0 creates the results file and runs the server loop; ranks >= 1 serve
+   rounds. With P = 1, rank 0 trains the clients itself.
 
 An exception on any rank prints that rank's traceback and aborts the whole job
 (``MPI_Abort``), so no rank is left waiting in a collective. SIGTERM or SIGUSR1
 stops the run after the current round and a checkpoint (exit status 75);
-``--resume FILE`` continues it.
-
-Exit status: 0 done; 1 a rank failed; 2 bad input (config, data, a results file
-that exists, a budget the run cannot fit), before any work; 75 checkpointed after
-a signal.
+``--resume FILE`` continues it. The exit statuses are :mod:`fedmpi.protocol`'s.
 """
 
 from __future__ import annotations
@@ -30,12 +29,15 @@ import sys
 import time
 import traceback
 
-from . import config as config_mod
-from . import data as data_mod
-from .comm import EXIT_CHECKPOINTED, connect, launcher_rank, prepare_environment
-from .config import Config, ConfigError
+import yaml
 
-EXIT_BAD_INPUT = 2
+from . import config as config_mod
+from .comm import connect, launcher_rank, prepare_environment
+from .data import DataError
+from .preflight import preflight
+from .protocol import EXIT_BAD_INPUT, EXIT_CHECKPOINTED, EXIT_FAILED, EXIT_OK
+from .results import ResultsError, default_path, run_info
+from .schema import Config, ConfigError, flatten, replace
 
 
 def parse_args(argv: list | None = None) -> argparse.Namespace:
@@ -54,92 +56,46 @@ def parse_args(argv: list | None = None) -> argparse.Namespace:
 
 def _without(d: dict, *keys: str) -> dict:
     """The flattened config without ``keys`` and the keys below them."""
-    return {k: v for k, v in config_mod.flatten(d).items()
-            if not any(k == key or k.startswith(key + ".") for key in keys)}
+    return {k: v for k, v in flatten(d).items() if not any(k == key or k.startswith(key + ".") for key in keys)}
 
 
 def resolve_resume(args: argparse.Namespace) -> tuple[Config, dict]:
-    """The config of the run in ``--resume FILE`` (with the allowed changes), validated.
+    """The config of the run in ``--resume FILE`` (with the allowed changes), validated,
+    and what the file says about the run (``run_info``).
 
     Only ``rounds`` may differ from the stored config (and output settings);
     ``--config`` and ``--set`` are compared against it, not applied over it."""
-    import yaml
-
-    from .results import ResultsError, open_checked
-
     path = args.resume
     if args.out or args.overwrite:
         raise ConfigError("--resume", path, "continues in its own file; --out and --overwrite do not apply")
     try:
-        with open_checked(path) as f:
-            stored_text = f.attrs["config"]
-            attrs = dict(f.attrs)
-            f["run/finished"].refresh()
-            finished = bool(f["run/finished"][()])
+        info = run_info(path)
     except ResultsError as exc:
         raise ConfigError("--resume", path, str(exc).split(": ", 1)[-1]) from None
-    stored = yaml.safe_load(stored_text)
-    calibrated = None
-    if (stored.get("privacy") or {}).get("target_epsilon") is not None:
-        calibrated = stored["privacy"]["noise_multiplier"]  # calibrated when the run started: keep it
-        stored["privacy"]["noise_multiplier"] = None
-    if args.config:
-        wanted = config_mod.read_file(args.config)
-        if (wanted.get("privacy") or {}).get("target_epsilon") is not None:
-            wanted["privacy"]["noise_multiplier"] = None
-    else:
-        wanted = yaml.safe_load(yaml.safe_dump(stored))
+    stored = yaml.safe_load(info["config"])
+    wanted = config_mod.read_file(args.config) if args.config else yaml.safe_load(info["config"])
     for assignment in args.set:
         config_mod.apply_override(wanted, assignment)
-    cfg = config_mod.from_dict(wanted)
-    config_mod.validate(cfg)
-    reference = config_mod.from_dict(stored)
-    config_mod.validate(reference)
+    cfg, reference = config_mod.from_mapping(wanted), config_mod.from_mapping(stored)
     ours, theirs = _without(cfg.to_dict(), "rounds", "output"), _without(reference.to_dict(), "rounds", "output")
     changed = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
     if changed:
         key = changed[0]
         raise ConfigError(key, ours.get(key), f"differs from the run being resumed ({theirs.get(key)!r} in {path}); "
                           "only rounds may change on --resume")
-    cfg.output = reference.output
-    cfg.output.path = path
-    if calibrated is not None:
-        cfg.privacy.noise_multiplier = calibrated
-    data_mod.check_files(cfg)
-    check_device(cfg)
-    return cfg, {"finished": finished, "attrs": attrs}
+    return replace(cfg, "output", replace(reference.output, "path", path)), info
 
 
-def resolve(args: argparse.Namespace, rank: int) -> Config:
-    """Config from the arguments, fully validated (data files included)."""
+def resolve(args: argparse.Namespace) -> Config:
+    """The config from the arguments, validated (nothing data-dependent yet)."""
     cfg = config_mod.load(args.config, args.set)
     if args.out:
-        cfg.output.path = args.out
+        cfg = replace(cfg, "output.path", args.out)
     if args.overwrite:
-        cfg.output.overwrite = True
+        cfg = replace(cfg, "output.overwrite", True)
     if cfg.output.path is None:
-        from .results import default_path
-
-        cfg.output.path = default_path()
-    if rank == 0 and not args.print_config:
-        path = cfg.output.path
-        if os.path.exists(path) and not cfg.output.overwrite:
-            raise ConfigError("output.path", path, "file exists; pass --overwrite (or output.overwrite: true) "
-                              "or choose another path")
-        if os.path.isdir(path):
-            raise ConfigError("output.path", path, "is a directory; give a file name")
-    data_mod.check_files(cfg)
-    check_device(cfg)
+        cfg = replace(cfg, "output.path", default_path())
     return cfg
-
-
-def check_device(cfg: Config) -> None:
-    if cfg.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("device", "cuda", "no CUDA device is visible to this rank (torch.cuda.is_available() "
-                              "is False); use cpu, or auto to take a GPU only where there is one")
 
 
 def choose_device(cfg: Config, comm):
@@ -155,7 +111,7 @@ def choose_device(cfg: Config, comm):
 
 def calibrate(cfg: Config, data, quiet: bool) -> float:
     """Rank 0: the noise multiplier meeting privacy.target_epsilon, printed."""
-    from .privacy import calibrate_for_run
+    from .privacy.accounting import calibrate_for_run
 
     p = cfg.privacy
     sigma = calibrate_for_run(cfg, data.client_sizes())
@@ -163,73 +119,6 @@ def calibrate(cfg: Config, data, quiet: bool) -> float:
         print(f"privacy: noise multiplier {sigma:.4f} calibrated for epsilon {p.target_epsilon:g} at delta {p.delta:g} "
               f"({p.mode}, {p.accountant.upper()} accountant)", flush=True)
     return sigma
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
-def available_memory() -> int:
-    """MemAvailable of this node, in bytes (Linux), else physical memory."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def server_memory(cfg: Config, data) -> tuple[int, int, int]:
-    """(bytes of update rows, other bytes rank 0 will allocate, parameters d): an estimate
-    made before the first round. Rows: cohort x d x 4 (none with transport: reduce)."""
-    import math as _math
-
-    from .config import count_params
-
-    d = count_params(cfg.model, data.input_shape, data.num_classes)
-    k = cfg.clients.per_round
-    if cfg.clients.sampling == "poisson":  # the cohort varies: allow for a large one
-        k = min(cfg.clients.total, int(k + 6 * _math.sqrt(k) + 1))
-    rows = 0 if cfg.transport == "reduce" else k * d * 4
-    other = 8 * d * 8  # weights, aggregate, optimizer state, checkpoint slots, center...
-    g = cfg.aggregator
-    n = k
-    for step in g.pre:  # each step returns a float64 copy of its rows
-        n = _math.ceil(n / step.s) if step.name == "bucketing" else n
-        other += n * d * 8
-    if g.name == "bulyan":
-        other += max(0, n - 2 * g.f) * d * 4
-    if cfg.attack.name in ("alie", "ipm"):
-        other += k * d * 4  # the honest rows, copied
-    return rows, other, d
-
-
-def check_memory(cfg: Config, data) -> None:
-    """Rank 0: refuse, before any work, a run whose rows would not fit its budget."""
-    import resource
-
-    rows, other, d = server_memory(cfg, data)
-    resident = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    need = rows + other + resident + (128 << 20)  # + model, gradients, evaluation batches
-    if cfg.memory_limit_gb is not None:
-        budget, what = int(cfg.memory_limit_gb * 2**30), f"memory_limit_gb = {cfg.memory_limit_gb:g}"
-    else:
-        budget, what = available_memory() + resident, "the memory available on this node"
-    if need > budget:
-        raise ConfigError("clients.per_round", cfg.clients.per_round,
-                          f"rank 0 would need about {_gib(need)}: {_gib(rows)} of update rows (cohort x {d} parameters "
-                          f"x 4 bytes) plus {_gib(need - rows)} of working memory, over its budget of {_gib(budget)} "
-                          f"({what}); lower clients.per_round, use transport: reduce (FedAvg), or raise memory_limit_gb")
-
-
-def check_model(cfg: Config, data) -> None:
-    if cfg.model.name == "cnn":
-        shape = data.input_shape
-        if len(shape) != 3 or shape[1] < 4 or shape[2] < 4:
-            raise ConfigError("model.name", "cnn", f"needs image inputs (C, H, W) of at least 4x4; "
-                              f"data.name = {cfg.data.name} gives samples of shape {shape}")
 
 
 def main(argv: list | None = None) -> int:
@@ -241,20 +130,18 @@ def main(argv: list | None = None) -> int:
         if args.resume:
             cfg, resume = resolve_resume(args)
         else:
-            cfg = resolve(args, rank)
+            cfg = resolve(args)
         if args.print_config:
             if rank == 0:
                 sys.stdout.write(cfg.to_yaml())
-            return 0
-        data = data_mod.load(cfg, need_train=True, need_test=rank == 0)
-        check_model(cfg, data)
-        if rank == 0:
-            check_memory(cfg, data)
+            return EXIT_OK
+        data = preflight(cfg, rank, new_file=resume is None)
         import torch  # noqa: F401 - every rank needs it; importing before MPI starts overlaps the ranks' imports
-        if rank == 0 and cfg.privacy.target_epsilon is not None and resume is None:
-            calibrated = calibrate(cfg, data, args.quiet)
+        if rank == 0 and cfg.privacy.target_epsilon is not None:
+            calibrated = (resume["attrs"]["dp_noise_multiplier"] if resume is not None
+                          else calibrate(cfg, data, args.quiet))
     except ConfigError as exc:
-        kind = "data error" if isinstance(exc, data_mod.DataError) else "config error"
+        kind = "data error" if isinstance(exc, DataError) else "config error"
         error = f"{kind}: {exc}"
 
     try:
@@ -272,34 +159,34 @@ def main(argv: list | None = None) -> int:
             print(f"fedmpi: {message}{where}", file=sys.stderr, flush=True)
         comm.close()
         return EXIT_BAD_INPUT
-    if statuses[0][1] is not None:  # rank 0 calibrated the noise for a target epsilon
-        cfg.privacy.noise_multiplier = statuses[0][1]
+    run_cfg = cfg
+    if statuses[0][1] is not None:  # rank 0 calibrated the noise for a target epsilon: the same on every rank
+        run_cfg = replace(cfg, "privacy.noise_multiplier", float(statuses[0][1]))
     if resume is not None and resume["finished"] and cfg.rounds <= _stored_rounds(resume):
         if comm.rank == 0:
             print(f"fedmpi: {args.resume} has finished its {_stored_rounds(resume)} rounds; nothing to resume "
                   "(--set rounds=N extends it)", file=sys.stderr, flush=True)
         comm.close()
-        return 0
+        return EXIT_OK
 
-    stopped = []
+    stopped = False
     try:
-        stopped = _run_role(cfg, comm, data, args.quiet, args.resume)
+        stopped = run_experiment(run_cfg, comm, data, config_yaml=cfg.to_yaml(), quiet=args.quiet,
+                                 resume_path=args.resume)
     except BaseException as exc:  # noqa: BLE001 - any failure must take the whole job down
         if isinstance(exc, SystemExit) and not exc.code:
             raise
         print(f"fedmpi: rank {comm.rank} failed:", file=sys.stderr)
         traceback.print_exc()
         if comm.size > 1:
-            comm.abort(1)
-        return 1
+            comm.abort(EXIT_FAILED)
+        return EXIT_FAILED
     comm.close()
-    return EXIT_CHECKPOINTED if stopped else 0
+    return EXIT_CHECKPOINTED if stopped else EXIT_OK
 
 
 def _stored_rounds(resume: dict) -> int:
-    import yaml
-
-    return int(yaml.safe_load(resume["attrs"]["config"])["rounds"])
+    return int(yaml.safe_load(resume["config"])["rounds"])
 
 
 def _run_attrs(cfg: Config, data) -> dict:
@@ -322,11 +209,15 @@ def _run_attrs(cfg: Config, data) -> dict:
     return attrs
 
 
-def _run_role(cfg: Config, comm, data, quiet: bool, resume_path: str | None = None) -> bool:
-    """This rank's part of the run. Returns True when a signal stopped it after a checkpoint."""
+def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = False, resume_path: str | None = None) -> bool:
+    """This rank's part of one run of ``cfg`` (the noise multiplier already calibrated)
+    over ``comm``; ``config_yaml``: the config as the user gave it, stored in the file.
+    Returns True when a signal stopped the run after a checkpoint."""
     import torch
 
     from .models import FlatModel, build_model, init_weights, layout
+    from .protocol import RoundMessages
+    from .worker import ClientHost, LocalClients, RemoteClients, serve
 
     torch.set_num_threads(cfg.threads)
     _single_threaded_blas()
@@ -337,17 +228,20 @@ def _run_role(cfg: Config, comm, data, quiet: bool, resume_path: str | None = No
     module = build_model(cfg.model, data.input_shape, data.num_classes)
     weights = init_weights(module, cfg.seed).copy() if comm.rank == 0 else None
     model = FlatModel(module, choose_device(cfg, comm))
+    reduce = cfg.transport == "reduce"
     if comm.rank != 0:
-        from .worker import run_worker
-
         # rank 0 decides when to stop (after a checkpoint) and tells the workers
         _on_stop_signals(lambda name: None)
-        return run_worker(cfg, comm, data, model) == EXIT_CHECKPOINTED
+        return serve(RoundMessages(comm, model.size, reduce), ClientHost(cfg, data, model)) == EXIT_CHECKPOINTED
 
     from .results import ResultsWriter, read_checkpoint
     from .server import ServerLoop
 
-    loop = ServerLoop(cfg, comm, data, model, weights, writer=None, quiet=quiet)
+    if comm.size == 1:
+        clients = LocalClients(ClientHost(cfg, data, model), model.size, reduce)
+    else:
+        clients = RemoteClients(RoundMessages(comm, model.size, reduce))
+    loop = ServerLoop(cfg, clients, data, model, weights, writer=None, quiet=quiet)
     _on_stop_signals(lambda name: setattr(loop, "stop_signal", name))
     specs = [{"name": s.name, "shape": list(s.shape), "offset": s.offset, "numel": s.numel} for s in layout(module)]
     attrs = _run_attrs(cfg, data)
@@ -366,7 +260,7 @@ def _run_role(cfg: Config, comm, data, quiet: bool, resume_path: str | None = No
         if not quiet:
             where = f"after round {start_round}" if start_round else "from the start (no checkpoint was written)"
             print(f"resuming {resume_path} {where}", flush=True)
-    writer = ResultsWriter(path, config_yaml=cfg.to_yaml(), world_size=comm.size, seed=cfg.seed, layout=specs,
+    writer = ResultsWriter(path, config_yaml=config_yaml, world_size=comm.size, seed=cfg.seed, layout=specs,
                            overwrite=cfg.output.overwrite or bool(resume_path), snapshot_every=cfg.output.snapshot_every,
                            attrs=attrs, state_spec=loop.state_spec(), history=history)
     if resume_path:

@@ -36,10 +36,11 @@ import sys
 
 import yaml
 
-from .config import ConfigError, apply_override, from_dict, read_file, validate
+from .config import from_mapping
+from .protocol import EXIT_BAD_INPUT, EXIT_FINISHED, EXIT_OK
+from .results import status
+from .schema import ConfigError, apply_override, read_file
 
-EXIT_FINISHED = 3
-EXIT_BAD_INPUT = 2
 GRID_KEYS = ("config", "out", "seeds", "set", "grid")
 
 
@@ -102,7 +103,7 @@ def expand(grid: dict, path: str = "sweep") -> list[dict]:
             for key, value in overrides.items():
                 apply_override(data, f"{key}={_yaml_value(value)}")
             try:
-                validate(from_dict(data))
+                from_mapping(data)
             except ConfigError as exc:
                 described = ", ".join(f"{k}={_yaml_value(v)}" for k, v in overrides.items())
                 raise SweepError(f"{path}: entry {index} ({described}): {exc}") from None
@@ -110,25 +111,9 @@ def expand(grid: dict, path: str = "sweep") -> list[dict]:
     return entries
 
 
-def status(entry: dict) -> tuple[str, int]:
-    """("pending" | "partial" | "done", rounds in the file)."""
-    from .results import ResultsError, open_checked
-
-    path = entry["out"]
-    if not os.path.exists(path):
-        return "pending", 0
-    try:
-        with open_checked(path) as f:
-            f["run/finished"].refresh()
-            f["rounds/round"].refresh()
-            return ("done" if f["run/finished"][()] else "partial"), int(f["rounds/round"].shape[0])
-    except ResultsError:
-        return "partial", 0  # damaged: --resume will say what is wrong, or start over
-
-
 def run_args(grid: dict, entry: dict) -> list[str] | None:
     """fedmpi.run arguments for ``entry``; None when it has finished."""
-    state, _ = status(entry)
+    state, _ = status(entry["out"])
     if state == "done":
         return None
     if state == "partial":
@@ -162,7 +147,7 @@ def main(argv: list | None = None) -> int:
         entries = expand(grid, args.grid)
         if args.count:
             print(len(entries))
-            return 0
+            return EXIT_OK
         if args.args is not None:
             if not 0 <= args.args < len(entries):
                 raise SweepError(f"{args.grid}: no entry {args.args} (the sweep has {len(entries)}: 0..{len(entries) - 1})")
@@ -172,7 +157,7 @@ def main(argv: list | None = None) -> int:
                       file=sys.stderr)
                 return EXIT_FINISHED
             print(shlex.join(found))
-            return 0
+            return EXIT_OK
         manifest = write_manifest(args.grid, grid, entries)
         if args.run:
             for entry in entries:
@@ -186,9 +171,9 @@ def main(argv: list | None = None) -> int:
                 if code != 0:
                     print(f"fedmpi: sweep entry {entry['index']} exited with status {code}", file=sys.stderr)
                     return code
-            return 0
+            return EXIT_OK
         for entry in entries:
-            state, rounds = status(entry)
+            state, rounds = status(entry["out"])
             described = " ".join(f"{k}={_yaml_value(v)}" for k, v in entry["overrides"].items())
             shown = f"partial ({rounds} rounds)" if state == "partial" else state
             print(f"{entry['index']:4d}  {shown:20s}  {described}  -> {entry['out']}")
@@ -196,7 +181,7 @@ def main(argv: list | None = None) -> int:
     except (SweepError, ConfigError) as exc:
         print(f"fedmpi: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

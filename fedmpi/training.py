@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from . import seeding
-from .config import Config
 from .models import FlatModel
+from .privacy.accounting import dp_schedule
+from .privacy.dpsgd import PerExampleGradients
+from .schema import Config
 
 
 @dataclass
@@ -32,13 +34,6 @@ class ClientResult:
     train_loss: float
     steps: int
     clipped_fraction: float = float("nan")  # DP-SGD: share of per-example gradients clipped
-
-
-def dp_schedule(num_samples: int, batch_size: int, epochs: int) -> tuple[float, int]:
-    """(sample rate q, DP-SGD steps per participation) for a client holding ``num_samples``."""
-    if num_samples <= 0:
-        return 0.0, 0
-    return min(1.0, batch_size / num_samples), epochs * max(1, round(num_samples / batch_size))
 
 
 class LocalTrainer:
@@ -50,8 +45,6 @@ class LocalTrainer:
         self.momentum_buffer = torch.zeros_like(model.flat)
         self.dp = cfg.privacy.mode == "sample"
         if self.dp:
-            from .privacy import PerExampleGradients
-
             self.per_example = PerExampleGradients(model.module)
             self.grad_views = [p.grad for p in model.module.parameters()]
             self.noise_cpu = torch.empty(model.size, dtype=torch.float32)

@@ -32,7 +32,7 @@ def test_omniscient_attack_overwrites_only_byzantine_rows_with_one_vector():
     updates = rng.normal(size=(6, 5)).astype(np.float32)
     honest_before = updates[[0, 2, 3, 5]].copy()
     byz = np.array([False, True, False, False, True, False])
-    attacks.apply_omniscient_attack("ipm", {"eps": 2.0}, updates, byz)
+    attacks.ATTACKS["ipm"].on_server(updates, byz, {"eps": 2.0})
     np.testing.assert_array_equal(updates[~byz], honest_before)
     np.testing.assert_array_equal(updates[1], updates[4])
     np.testing.assert_allclose(updates[1], -2.0 * honest_before.astype(np.float64).mean(0), rtol=1e-6)
@@ -41,15 +41,15 @@ def test_omniscient_attack_overwrites_only_byzantine_rows_with_one_vector():
 def test_update_attacks():
     u = np.array([1.0, -2.0, 0.5], dtype=np.float32)
     x = u.copy()
-    attacks.apply_update_attack("sign_flip", {"lambda": 10.0}, x, 0, 0, 0)
+    attacks.ATTACKS["sign_flip"].on_update(x, {"lambda": 10.0}, attacks.client_rng(0, 0, 0))
     np.testing.assert_array_equal(x, -10 * u)
     x = u.copy()
-    attacks.apply_update_attack("scaling", {"lambda": 4.0}, x, 0, 0, 0)
+    attacks.ATTACKS["scaling"].on_update(x, {"lambda": 4.0}, attacks.client_rng(0, 0, 0))
     np.testing.assert_array_equal(x, 4 * u)
     a, b, c = np.zeros(20000, np.float32), np.zeros(20000, np.float32), np.zeros(20000, np.float32)
-    attacks.apply_update_attack("gaussian", {"std": 3.0}, a, 7, 2, 5)
-    attacks.apply_update_attack("gaussian", {"std": 3.0}, b, 7, 2, 5)
-    attacks.apply_update_attack("gaussian", {"std": 3.0}, c, 7, 3, 5)
+    attacks.ATTACKS["gaussian"].on_update(a, {"std": 3.0}, attacks.client_rng(7, 2, 5))
+    attacks.ATTACKS["gaussian"].on_update(b, {"std": 3.0}, attacks.client_rng(7, 2, 5))
+    attacks.ATTACKS["gaussian"].on_update(c, {"std": 3.0}, attacks.client_rng(7, 3, 5))
     assert np.array_equal(a, b) and not np.array_equal(a, c)  # keyed by (seed, round, client)
     assert a.std() == pytest.approx(3.0, rel=0.03)
 
@@ -92,10 +92,10 @@ def test_f_defaults_to_expected_byzantine_per_cohort():
     (["attack.name=gaussian", "attack.fraction=0.2", "attack.params={std: -1}"], "attack.params.std = -1.0: must be > 0"),
     (["aggregator.name=krum", "aggregator.f=7"], "aggregator.f = 7: krum needs n >= 2f + 3; got n = 16, f = 7"),
     (["aggregator.name=bulyan", "aggregator.f=4"], "bulyan needs n >= 4f + 3; got n = 16, f = 4"),
-    (["aggregator.name=krum", "aggregator.f=2", "aggregator.pre=[{name: bucketing, s: 3}]"],
+    (["aggregator.name=krum", "aggregator.f=2", "aggregator.pre=[{name: bucketing, bucket_size: 3}]"],
      "krum needs n >= 2f + 3; got n = 6, f = 2"),
     (["aggregator.name=median", "aggregator.pre=[{name: clip}]"], "aggregator.pre[0].max_norm = None: clip needs max_norm > 0"),
-    (["aggregator.name=krum", "aggregator.m=3"], "aggregator.m = 3: only used by multi_krum"),
+    (["aggregator.name=krum", "aggregator.m=3"], "aggregator.m = 3: only used with aggregator.name = multi_krum"),
     (["aggregator.name=trimmed_mean", "aggregator.f=8"], "trimmed_mean needs 2f < n"),
 ])
 def test_bad_robustness_config(overrides, message):

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import make_idx_dataset, write_idx
 from fedmpi import seeding
-from fedmpi.config import from_dict, validate
+from fedmpi.config import from_mapping
 from fedmpi.data import (
     DataError,
     download,
@@ -21,8 +21,7 @@ from fedmpi.data import (
 
 
 def _cfg(**sections):
-    cfg = from_dict(sections)
-    validate(cfg)
+    cfg = from_mapping(sections)
     return cfg
 
 

@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from fedmpi import aggregation
-from fedmpi.config import ModelConfig, ServerConfig, from_dict, validate
+from fedmpi.architectures import count_params
+from fedmpi.config import from_mapping
 from fedmpi.models import FlatModel, build_model, flatten_params, init_weights, layout, load_flat
 from fedmpi.optimizers import ServerOptimizer
+from fedmpi.schema import ModelConfig, ServerConfig
 from fedmpi.training import LocalTrainer
 
 torch.set_num_threads(1)
@@ -24,8 +26,6 @@ def test_mcmahan_cnn_parameter_count():
 @pytest.mark.parametrize("cfg, shape", [(ModelConfig(name="cnn"), (3, 12, 10)), (ModelConfig(hidden=[7, 5]), (1, 8, 8)),
                                         (ModelConfig(name="logreg"), (60,))])
 def test_parameter_count_without_building_the_model(cfg, shape):
-    from fedmpi.config import count_params
-
     assert count_params(cfg, shape, 7) == sum(p.numel() for p in build_model(cfg, shape, 7).parameters())
 
 
@@ -63,8 +63,7 @@ def test_init_is_keyed_not_ambient():
 
 
 def _trainer(**train):
-    cfg = from_dict({"train": train})
-    validate(cfg)
+    cfg = from_mapping({"train": train})
     module = build_model(ModelConfig(name="mlp", hidden=[16]), (5,), 3)
     return cfg, LocalTrainer(FlatModel(module), cfg), module
 

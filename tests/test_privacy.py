@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from dp_accounting import dp_event, pld, rdp
 
-from fedmpi import privacy
-from fedmpi.config import ModelConfig, from_dict, validate
+from fedmpi.config import from_mapping
 from fedmpi.models import FlatModel, build_model
-from fedmpi.training import LocalTrainer, dp_schedule
+from fedmpi.privacy import accounting, client_level, dpsgd
+from fedmpi.schema import ModelConfig
+from fedmpi.training import LocalTrainer
 
 torch.set_num_threads(1)
 
@@ -38,7 +39,7 @@ def test_clipped_grad_sum_matches_per_example_loop_in_float64(model_cfg, shape, 
     model = build_model(model_cfg, shape, 5).double()
     x = torch.randn(7, *shape, dtype=torch.float64) * 3
     y = torch.randint(0, 5, (7,))
-    ours = privacy.clipped_grad_sum(model, F.cross_entropy, x, y, clip)
+    ours = dpsgd.clipped_grad_sum(model, F.cross_entropy, x, y, clip)
     ref = _loop_reference(model, x, y, clip)
     assert ours.dtype == torch.float64 and ours.shape == ref.shape
     assert float((ours - ref).abs().max()) <= 1e-10 * max(1.0, float(ref.abs().max()))
@@ -49,13 +50,12 @@ def test_clipped_grad_sum_matches_per_example_loop_in_float64(model_cfg, shape, 
 def test_unsupported_layer_is_refused():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
     with pytest.raises(ValueError, match="DP-SGD supports Linear and Conv2d layers; 2 is a BatchNorm1d"):
-        privacy.PerExampleGradients(model)
+        dpsgd.PerExampleGradients(model)
 
 
 def _dp_trainer(sigma, clip, **train):
-    cfg = from_dict({"train": {"lr": 1.0, "batch_size": 10, **train},
+    cfg = from_mapping({"train": {"lr": 1.0, "batch_size": 10, **train},
                      "privacy": {"mode": "sample", "noise_multiplier": sigma, "max_grad_norm": clip}})
-    validate(cfg)
     module = build_model(ModelConfig(name="mlp", hidden=[100]), (50,), 10)
     return cfg, LocalTrainer(FlatModel(module), cfg)
 
@@ -70,7 +70,7 @@ def test_dp_sgd_noise_has_std_sigma_c():
     w0 = np.zeros(trainer.model.size, np.float32)
     out = np.empty_like(w0)
     result = trainer.train(w0, x, y, 0, 3, out)
-    q, steps = dp_schedule(10, 10, 1)
+    q, steps = accounting.dp_schedule(10, 10, 1)
     assert steps == 1 and result.steps == 1 and q == 1.0
     observed = float(np.std(out.astype(np.float64))) * (q * 10)
     assert observed == pytest.approx(sigma * clip, rel=0.02)
@@ -93,15 +93,15 @@ def test_dp_sgd_is_keyed_and_poisson_batches_vary():
 
 def test_client_update_clipping():
     u = np.array([3.0, 4.0], dtype=np.float32)
-    assert privacy.clip_update(u, 1.0) and np.allclose(u, [0.6, 0.8])
+    assert client_level.clip_update(u, 1.0) and np.allclose(u, [0.6, 0.8])
     v = np.array([0.3, 0.4], dtype=np.float32)
-    assert not privacy.clip_update(v, 1.0) and np.allclose(v, [0.3, 0.4])
+    assert not client_level.clip_update(v, 1.0) and np.allclose(v, [0.3, 0.4])
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
 def test_epsilon_equals_a_direct_library_call(accountant):
-    ours = privacy.epsilon(1.1, 0.02, 500, 1e-5, accountant)
-    acc = rdp.RdpAccountant(list(privacy.RDP_ORDERS)) if accountant == "rdp" else pld.PLDAccountant()
+    ours = accounting.epsilon(1.1, 0.02, 500, 1e-5, accountant)
+    acc = rdp.RdpAccountant(list(accounting.RDP_ORDERS)) if accountant == "rdp" else pld.PLDAccountant()
     acc.compose(dp_event.PoissonSampledDpEvent(0.02, dp_event.GaussianDpEvent(1.1)), 500)
     assert ours == acc.get_epsilon(1e-5)
     # and the integer orders stay close to the library's default order set
@@ -112,54 +112,51 @@ def test_epsilon_equals_a_direct_library_call(accountant):
 
 def test_epsilon_grows_with_steps_and_shrinks_with_noise():
     steps = [1, 10, 100, 1000]
-    eps = [privacy.epsilon(1.0, 0.05, s, 1e-5) for s in steps]
+    eps = [accounting.epsilon(1.0, 0.05, s, 1e-5) for s in steps]
     assert all(a < b for a, b in zip(eps, eps[1:]))
-    assert privacy.epsilon(2.0, 0.05, 100, 1e-5) < privacy.epsilon(1.0, 0.05, 100, 1e-5)
-    assert privacy.epsilon(1.0, 0.05, 0, 1e-5) == 0.0
+    assert accounting.epsilon(2.0, 0.05, 100, 1e-5) < accounting.epsilon(1.0, 0.05, 100, 1e-5)
+    assert accounting.epsilon(1.0, 0.05, 0, 1e-5) == 0.0
 
 
 @pytest.mark.parametrize("target, q, steps, accountant", [(1.0, 0.01, 1000, "rdp"), (8.0, 0.1, 180, "rdp"),
                                                           (3.0, 0.05, 50, "pld")])
 def test_target_mode_lands_within_one_percent(target, q, steps, accountant):
-    sigma = privacy.calibrate_noise(target, q, steps, 1e-5, accountant)
-    eps = privacy.epsilon(sigma, q, steps, 1e-5, accountant)
+    sigma = accounting.calibrate_noise(target, q, steps, 1e-5, accountant)
+    eps = accounting.epsilon(sigma, q, steps, 1e-5, accountant)
     assert eps <= target and eps == pytest.approx(target, rel=0.01)
 
 
 def test_calibrate_refuses_non_positive_target():
     with pytest.raises(ValueError, match="target epsilon must be > 0"):
-        privacy.calibrate_noise(0.0, 0.1, 10, 1e-5)
+        accounting.calibrate_noise(0.0, 0.1, 10, 1e-5)
 
 
 def test_run_accountant_central_poisson_equals_epsilon():
-    cfg = from_dict({"clients": {"total": 100, "per_round": 10, "sampling": "poisson"},
+    cfg = from_mapping({"clients": {"total": 100, "per_round": 10, "sampling": "poisson"},
                      "privacy": {"mode": "client_central", "noise_multiplier": 1.0, "accountant": "rdp"}})
-    validate(cfg)
-    acc = privacy.RunAccountant(cfg)
+    acc = accounting.RunAccountant(cfg)
     for _ in range(3):
         eps, med = acc.after_round(np.array([1, 5, 9]), np.array([10, 10, 10]))
-    assert eps == med == privacy.epsilon(1.0, 0.1, 3, 1e-5, "rdp")
+    assert eps == med == accounting.epsilon(1.0, 0.1, 3, 1e-5, "rdp")
 
 
 def test_run_accountant_sample_level_is_per_client():
-    cfg = from_dict({"clients": {"total": 4, "per_round": 2}, "train": {"batch_size": 10},
+    cfg = from_mapping({"clients": {"total": 4, "per_round": 2}, "train": {"batch_size": 10},
                      "privacy": {"mode": "sample", "noise_multiplier": 1.0, "accountant": "rdp"}})
-    validate(cfg)
-    acc = privacy.RunAccountant(cfg)
+    acc = accounting.RunAccountant(cfg)
     acc.after_round(np.array([0, 1]), np.array([100, 50]))
     eps, med = acc.after_round(np.array([0, 2]), np.array([100, 20]))
     # client 0: q = 0.1, 2 x 10 steps; client 1: q = 0.2, 5 steps; client 2: q = 0.5, 2 steps; client 3: none
-    expected = [privacy.epsilon(1.0, 0.1, 20, 1e-5), privacy.epsilon(1.0, 0.2, 5, 1e-5),
-                privacy.epsilon(1.0, 0.5, 2, 1e-5), 0.0]
+    expected = [accounting.epsilon(1.0, 0.1, 20, 1e-5), accounting.epsilon(1.0, 0.2, 5, 1e-5),
+                accounting.epsilon(1.0, 0.5, 2, 1e-5), 0.0]
     np.testing.assert_allclose(acc.eps, expected)
     assert eps == max(expected) and med == np.median(expected)
 
 
 def test_final_report_stays_with_rdp_when_there_is_almost_no_noise():
-    cfg = from_dict({"clients": {"total": 4, "per_round": 4},
+    cfg = from_mapping({"clients": {"total": 4, "per_round": 4},
                      "privacy": {"mode": "client_local", "noise_multiplier": 0.01, "accountant": "pld"}})
-    validate(cfg)
-    acc = privacy.RunAccountant(cfg)
+    acc = accounting.RunAccountant(cfg)
     acc.after_round(np.arange(4), np.full(4, 10))
     eps, med, used = acc.final()
-    assert used == "rdp" and eps > privacy.PLD_MAX_EPSILON and eps == med
+    assert used == "rdp" and eps > accounting.PLD_MAX_EPSILON and eps == med

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import CONFIGS, run_job
-from fedmpi import privacy
+from fedmpi.privacy import accounting
 from fedmpi.results import open_results
 
 DP_SGD = ["--set", "privacy.mode=sample", "--set", "privacy.noise_multiplier=1.0", "--set", "privacy.max_grad_norm=1.0"]
@@ -42,7 +42,7 @@ def test_epsilon_recorded_every_round_and_growing(dp_runs):
         acc_dp = float(f["rounds/test_accuracy"][-1])
         # each client holds 89 or 90 samples: q = 10/n, 9 steps per round, all 20 rounds
         q = 10 / f["clients/num_samples"][:].min()
-        assert eps[-1] == pytest.approx(privacy.epsilon(1.0, q, 20 * 9, 1e-5, "rdp"), rel=1e-9)
+        assert eps[-1] == pytest.approx(accounting.epsilon(1.0, q, 20 * 9, 1e-5, "rdp"), rel=1e-9)
         assert 0 < final_pld <= eps[-1]  # PLD is tighter than RDP
     with open_results(dp_runs["plain"][0]) as f:
         acc_plain = float(f["rounds/test_accuracy"][-1])
@@ -69,7 +69,7 @@ def test_central_client_dp_with_poisson_cohorts(tmp_path):
         assert len(set(sizes.tolist())) > 1  # Poisson cohorts vary
         assert len(f["clients/client_id"]) == sizes.sum()
         eps = f["rounds/epsilon"][:]
-        expected = [privacy.epsilon(0.8, 0.25, r + 1, 1e-5, "rdp") for r in range(6)]
+        expected = [accounting.epsilon(0.8, 0.25, r + 1, 1e-5, "rdp") for r in range(6)]
         np.testing.assert_allclose(eps, expected, rtol=1e-12)
         assert f["privacy/epsilon"][()] == pytest.approx(expected[-1])
 

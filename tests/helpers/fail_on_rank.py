@@ -4,6 +4,7 @@ The failure is injected into that rank's client training (the worker role, or th
 server role when RANK is 0), so the real abort path of a running job is exercised.
 """
 
+import dataclasses
 import sys
 import time
 
@@ -26,7 +27,7 @@ if comm.launcher_rank() == target_rank:
                 raise RuntimeError("injected failure on the server")
             return original_fedavg(*a, **k)
 
-        aggregation.fedavg = failing_fedavg
+        aggregation.RULES["fedavg"] = dataclasses.replace(aggregation.RULES["fedavg"], function=failing_fedavg)
     else:
         original = worker.ClientHost.train_slots
 

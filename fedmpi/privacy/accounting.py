@@ -1,22 +1,4 @@
-"""Differential privacy: per-example clipping for DP-SGD, client-level DP, accounting.
-
-Sample-level DP-SGD (Abadi et al. 2016): every per-example gradient is clipped
-to L2 norm C (``max_grad_norm``), the clipped gradients are summed, Gaussian
-noise N(0, sigma^2 C^2) is added to the sum and the result is divided by the
-expected batch size. Local batches are Poisson-sampled (rate q = B / n_local),
-which is what the accountant assumes.
-
-Per-example gradients are never formed for a whole model at once. For a
-Linear layer the norm of example i's weight gradient is |g_i| |a_i| (output
-gradient times input, the "ghost norm"), and the clipped sum is one matmul
-(c * G)^T A. For Conv2d the per-example weight gradients are one batched
-matmul of the unfolded input with the output gradient. Only the gradients
-with respect to layer outputs come from autograd, so the ordinary weight
-gradients are not computed twice.
-
-Client-level DP (DP-FedAvg, McMahan et al. 2018): each client update is clipped
-to norm S; Gaussian noise with std z S is added to the sum on the server
-(central) or by each client to its own update (local).
+"""Privacy accounting: epsilon, noise calibration, a run's accountant, the DP-SGD schedule.
 
 Accounting uses Google's dp-accounting: RDP for per-round tracking (fast),
 PLD for the reported final epsilon where the event allows it.
@@ -30,154 +12,21 @@ from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 # Integer RDP orders: exact and fast in dp-accounting (fractional orders are
 # slow and can fail to converge); the epsilon they give is within a few
 # percent of the library's default order set.
 RDP_ORDERS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 128, 160, 192, 256)
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
-
 # Above this (RDP) epsilon the final report stays with RDP instead of PLD (see RunAccountant.final).
 PLD_MAX_EPSILON = 64.0
 
 
-# --------------------------------------------------------------------------- per-example clipping
-
-
-class PerExampleGradients:
-    """Per-example gradient norms and clipped gradient sums for a module built from
-    Linear and Conv2d layers (plus parameter-free layers)."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.layers = []
-        for name, sub in module.named_modules():
-            own = list(sub.parameters(recurse=False))
-            if not own:
-                continue
-            if not isinstance(sub, SUPPORTED_LAYERS):
-                raise ValueError(f"DP-SGD supports Linear and Conv2d layers; {name or 'the model'} is a "
-                                 f"{type(sub).__name__} with parameters")
-            if isinstance(sub, nn.Conv2d) and (sub.groups != 1 or sub.padding_mode != "zeros"):
-                raise ValueError(f"DP-SGD supports Conv2d with groups=1 and zero padding; {name} is not")
-            self.layers.append(sub)
-        self._records: list = []
-        self._hooks = [layer.register_forward_hook(self._record) for layer in self.layers]
-        self._active = False
-
-    def remove(self) -> None:
-        """Detach the forward hooks from the module."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-
-    def _record(self, layer, inputs, output):
-        if self._active:
-            self._records.append((layer, inputs[0].detach(), output))
-
-    def compute(self, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, max_grad_norm: float,
-                out: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
-        """Write the sum of clipped per-example gradients into ``out`` (one tensor per
-        parameter, ``named_parameters()`` order); return (per-example norms, summed loss)."""
-        self._records = []
-        self._active = True
-        try:
-            output = self.module(x)
-        finally:
-            self._active = False
-        loss = loss_fn(output, y, reduction="sum")
-        records = self._records
-        self._records = []
-        grads = torch.autograd.grad(loss, [r[2] for r in records])
-        batch = x.shape[0]
-        sq_norms = torch.zeros(batch, dtype=torch.float64)
-        parts = []
-        for (layer, a, _), g in zip(records, grads):
-            part = _layer_parts(layer, a, g)
-            sq_norms += part[0]
-            parts.append(part)
-        norms = sq_norms.sqrt()
-        factors = (max_grad_norm / norms.clamp_min(1e-300)).clamp(max=1.0).to(output.dtype)
-        slot = {p: t for p, t in zip(self.module.parameters(), out)}
-        for (layer, _, _), (_, weight_sum, bias_sum) in zip(records, parts):
-            weight_sum(factors, slot[layer.weight])
-            if layer.bias is not None:
-                bias_sum(factors, slot[layer.bias])
-        return norms, float(loss.detach())
-
-
-def _layer_parts(layer: nn.Module, a: torch.Tensor, g: torch.Tensor):
-    """(per-example squared norm of the layer's gradient, weight-sum writer, bias-sum writer)."""
-    if isinstance(layer, nn.Linear):
-        if a.dim() == 2:
-            sq = (g.square().sum(1) * a.square().sum(1)).double()  # |g_i a_i^T|_F^2 = |g_i|^2 |a_i|^2
-            if layer.bias is not None:
-                sq += g.square().sum(1).double()
-
-            def weight_sum(c, dest):
-                torch.mm((g * c[:, None]).t(), a, out=dest)
-
-            def bias_sum(c, dest):
-                torch.mv(g.t(), c, out=dest)
-
-            return sq, weight_sum, bias_sum
-        per = torch.einsum("b...o,b...i->boi", g, a)  # sequence inputs: materialise
-        return _materialised(per, g.reshape(g.shape[0], -1, g.shape[-1]).sum(1), layer)
-    cols = F.unfold(a, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
-    g_flat = g.reshape(g.shape[0], g.shape[1], -1)
-    per = torch.bmm(g_flat, cols.transpose(1, 2))  # (B, C_out, C_in*k*k)
-    return _materialised(per, g_flat.sum(2), layer)
-
-
-def _materialised(per_weight: torch.Tensor, per_bias: torch.Tensor, layer: nn.Module):
-    sq = per_weight.square().sum(dim=(1, 2)).double()
-    if layer.bias is not None:
-        sq += per_bias.square().sum(1).double()
-
-    def weight_sum(c, dest):
-        torch.mv(per_weight.reshape(per_weight.shape[0], -1).t(), c, out=dest.view(-1))
-
-    def bias_sum(c, dest):
-        torch.mv(per_bias.t(), c, out=dest)
-
-    return sq, weight_sum, bias_sum
-
-
-def clipped_grad_sum(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
-                     max_grad_norm: float) -> torch.Tensor:
-    """The flat sum over the batch of per-example gradients, each clipped to L2 norm
-    ``max_grad_norm``, without noise, in ``model.named_parameters()`` order.
-
-    ``loss_fn(outputs, targets, reduction="sum")`` must sum independent per-example
-    losses (e.g. ``torch.nn.functional.cross_entropy``).
-    """
-    params = [p for _, p in model.named_parameters()]
-    out = [torch.empty_like(p) for p in params]
-    per_example = PerExampleGradients(model)
-    try:
-        per_example.compute(x, y, loss_fn, max_grad_norm, out)
-    finally:
-        per_example.remove()
-    return torch.cat([t.reshape(-1) for t in out])
-
-
-# --------------------------------------------------------------------------- client-level
-
-
-def clip_update(update: np.ndarray, clip_norm: float) -> bool:
-    """Scale ``update`` in place to L2 norm <= clip_norm (norm in float64); return whether it was clipped."""
-    norm = float(np.sqrt(np.dot(update.astype(np.float64), update.astype(np.float64))))
-    if norm > clip_norm:
-        update *= np.float32(clip_norm / norm)
-        return True
-    return False
-
-
-# --------------------------------------------------------------------------- accounting
+def dp_schedule(num_samples: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """(sample rate q, DP-SGD steps per participation) for a client holding ``num_samples``."""
+    if num_samples <= 0:
+        return 0.0, 0
+    return min(1.0, batch_size / num_samples), epochs * max(1, round(num_samples / batch_size))
 
 
 def _quiet_absl() -> None:
@@ -349,8 +198,6 @@ class RunAccountant:
 
     def after_round(self, cohort: np.ndarray, num_samples: np.ndarray) -> tuple[float, float]:
         """Account one round; return (epsilon, median over clients) by RDP."""
-        from .training import dp_schedule
-
         p, t = self.p, self.cfg.train
         self.rounds += 1
         self.participations[cohort] += 1
@@ -408,8 +255,6 @@ def calibrate_for_run(cfg, client_sizes: np.ndarray) -> float:
     :func:`expected_participations` rounds; client_central: the cohort sampling
     rate over all rounds; client_local: the expected participations.
     """
-    from .training import dp_schedule
-
     p, c = cfg.privacy, cfg.clients
     acc = p.accountant
     rounds = expected_participations(cfg.rounds, c.per_round, c.total)
