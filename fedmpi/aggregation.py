@@ -10,6 +10,7 @@ Rules
 - :func:`fedavg`: weighted mean (McMahan et al. 2017).
 - :func:`krum`, :func:`multi_krum`: Blanchard et al. 2017.
 - :func:`median`, :func:`trimmed_mean`: coordinate-wise (Yin et al. 2018).
+- :func:`meamed`: mean around the coordinate-wise median (Xie et al. 2018).
 - :func:`geometric_median`: smoothed Weiszfeld, RFA (Pillutla et al. 2022).
 - :func:`bulyan`: El Mhamdi et al. 2018.
 - :func:`centered_clipping`: Karimireddy et al. 2021.
@@ -394,6 +395,34 @@ def trimmed_mean(updates: np.ndarray, f: int) -> AggregationResult:
     return AggregationResult(vector, selected=np.flatnonzero(kept > 0), scores=kept)
 
 
+def meamed(updates: np.ndarray, f: int) -> AggregationResult:
+    """Mean around median (Xie, Koyejo and Gupta 2018, "Generalized Byzantine-tolerant
+    SGD"): per coordinate, the mean of the n - f values closest to that coordinate's
+    median (the mean of the two middle values for even n). Needs 2f < n.
+
+    Ties in the distance to the median go to the lowest row index. ``scores``: the
+    fraction of coordinates where the row's value was among those averaged.
+
+    >>> meamed(np.array([[0.0], [1.0], [2.0], [3.0], [100.0]]), f=1).vector
+    array([1.5])
+    """
+    updates = _as_updates(updates)
+    n, d = updates.shape
+    check_f("meamed", n, f)
+    out = np.empty(d)
+
+    def block_mean(cols, block):
+        order = np.argsort(np.abs(block - np.median(block, axis=0)), axis=0, kind="stable")[: n - f]
+        out[cols] = np.take_along_axis(block, order, axis=0).mean(axis=0)
+        return np.bincount(order.ravel(), minlength=n)
+
+    kept = np.zeros(n)
+    for part in _for_blocks(updates, block_mean):
+        kept += part
+    kept /= d
+    return AggregationResult(out, selected=np.flatnonzero(kept > 0), scores=kept)
+
+
 def geometric_median(updates: np.ndarray, weights: np.ndarray | None = None, *, smoothing: float = 1e-6,
                      tol: float = 1e-10, max_iter: int = 1000) -> AggregationResult:
     """Geometric median by smoothed Weiszfeld iterations (RFA, Pillutla et al. 2022).
@@ -668,6 +697,8 @@ RULES: dict[str, Rule] = {
                        requirement="n >= 2f + 3"),
     "median": Rule(median, "Yin et al. 2018"),
     "trimmed_mean": Rule(trimmed_mean, "Yin et al. 2018", reads=("f",), min_rows=lambda f: 2 * f + 1, requirement="2f < n"),
+    "meamed": Rule(meamed, "Xie et al. 2018 (mean around median)", reads=("f",), min_rows=lambda f: 2 * f + 1,
+                   requirement="2f < n"),
     "geometric_median": Rule(geometric_median, "Pillutla et al. 2022 (RFA)", reads=("weights", "smoothing", "tol", "max_iter")),
     "bulyan": Rule(bulyan, "El Mhamdi et al. 2018", reads=("f",), min_rows=lambda f: 4 * f + 3, requirement="n >= 4f + 3",
                    memory=lambda n, d, f: max(0, n - 2 * f) * d * 4),

@@ -305,3 +305,36 @@ def test_clip_bounds_norms_and_keeps_direction():
 def test_row_norms_do_not_overflow():
     x = np.full((2, 8), 1e30, dtype=np.float32)
     np.testing.assert_allclose(agg.row_norms(x), math.sqrt(8) * 1e30, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- meamed
+
+
+def test_meamed_hand_computed():
+    # median 2; distances to it 2, 1, 0, 1, 98: the n - f = 4 closest are rows 2, 1, 3, 0 -> (2 + 1 + 3 + 0) / 4
+    result = _unchanged(agg.meamed, LINE, f=1)
+    np.testing.assert_array_equal(result.vector, [1.5])
+    assert result.selected.tolist() == [0, 1, 2, 3]
+    assert result.scores.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_meamed_ties_go_to_the_lowest_index_and_coordinates_are_independent():
+    # column 0: median 3, distances 3, 1, 1, 3 -> rows 1, 2 and the tie 0/3 goes to row 0: (2 + 4 + 0) / 3 = 2
+    # column 1: median 15, distances 5, 5, 25, 5 -> rows 0, 1, 3 (row 2 is the far one): (10 + 20 + 10) / 3
+    x = np.array([[0.0, 10.0], [2.0, 20.0], [4.0, 40.0], [6.0, 10.0]])
+    result = agg.meamed(x, f=1)
+    np.testing.assert_allclose(result.vector, [2.0, 40.0 / 3.0])
+    assert result.scores.tolist() == [1.0, 1.0, 0.5, 0.5]
+
+
+def test_meamed_ignores_a_1e30_row_and_f0_is_the_mean():
+    x = np.array([[1.0], [2.0], [3.0], [1e30]], dtype=np.float32)
+    # median 2.5: distances 1.5, 0.5, 0.5, ~1e30 -> rows 0, 1, 2
+    np.testing.assert_array_equal(agg.meamed(x, f=1).vector, [2.0])
+    y = np.array([[1.0, -2.0], [3.0, 6.0], [8.0, 5.0]])
+    np.testing.assert_allclose(agg.meamed(y, f=0).vector, y.mean(axis=0))
+
+
+def test_meamed_needs_2f_below_n():
+    with pytest.raises(ValueError, match="meamed needs 2f < n; got n = 4, f = 2"):
+        agg.meamed(np.zeros((4, 3)), f=2)
