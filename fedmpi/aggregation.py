@@ -713,3 +713,290 @@ PRE_STEPS: dict[str, PreStep] = {
                          rows_after=lambda n, step: math.ceil(n / step.bucket_size)),
     "clip": PreStep(clip_step, "static norm clipping", reads=("max_norm",)),
 }
+
+
+# =========================================================================== extra rules
+# Minimum Diameter Averaging, MoNNA and Adaptive Robust Clipping. Same conventions as
+# the rules above: (n, d) rows in, never modified, float64 distances, ties by lowest
+# index, ValueError on an invalid f.
+
+# MDA enumerates every subset of n - f rows (equivalently every set of f rows left
+# out): C(n, f) of them. Measured on one shared core: about 1.5 microseconds per
+# subset (C(22, 9) = 497420 subsets in 0.8 s, C(50, 4) in 0.4 s), so this bound keeps
+# one call under about one second. Raise it per call through ``max_subsets``.
+MDA_MAX_SUBSETS = 500_000
+# Subsets scored per vectorised batch (a (batch, n) mask and a (batch, pairs) mask).
+_MDA_BATCH = 1 << 13
+
+
+def check_f_extra(rule: str, n: int, f: int) -> None:
+    """Like :func:`check_f`, for the rules of this section (mda, monna, arc), which
+    all need an honest majority: 2f < n."""
+    check_f(rule, n, f)
+    if rule in ("mda", "monna", "arc") and n < 2 * f + 1:
+        raise ValueError(f"{rule} needs 2f < n; got n = {n}, f = {f}")
+
+
+def _finite_rows(updates: np.ndarray) -> np.ndarray:
+    """(n,) bool: whether every coordinate of the row is finite (one pass, by column block)."""
+    ok = np.ones(updates.shape[0], dtype=bool)
+    for part in _for_blocks(updates, lambda cols, block: np.isfinite(block).all(axis=1)):
+        ok &= part
+    return ok
+
+
+def _sq_distances_finite(updates: np.ndarray) -> np.ndarray:
+    """:func:`pairwise_sq_distances`, except that a row with a non-finite coordinate is
+    +inf away from every other row (0 from itself) instead of turning every distance
+    into NaN through the shared mean row."""
+    n = updates.shape[0]
+    ok = _finite_rows(updates)
+    if ok.all():
+        return pairwise_sq_distances(updates)
+    dist = np.full((n, n), np.inf)
+    np.fill_diagonal(dist, 0.0)
+    good = np.flatnonzero(ok)
+    if len(good):
+        dist[np.ix_(good, good)] = pairwise_sq_distances(updates[good])
+    return dist
+
+
+def _combinations(n: int, k: int) -> np.ndarray:
+    """All k-subsets of range(n) as a (C(n, k), k) int32 array, rows in the
+    lexicographic order of ``itertools.combinations`` (built with numpy: several
+    times faster than iterating the tuples)."""
+    if k == 0:
+        return np.zeros((1, 0), dtype=np.int32)
+    combos = np.arange(n - k + 1, dtype=np.int32)[:, None]
+    for pos in range(1, k):
+        last = combos[:, -1]
+        counts = (n - k + pos) - last  # choices for position pos after ``last``
+        starts = np.repeat(np.cumsum(counts) - counts, counts)
+        following = np.repeat(last, counts) + 1 + (np.arange(int(counts.sum())) - starts)
+        combos = np.concatenate([np.repeat(combos, counts, axis=0), following[:, None].astype(np.int32)], axis=1)
+    return combos
+
+
+def _lexicographic_first(masks: np.ndarray) -> int:
+    """Index of the row of ``masks`` (k, n) whose set of True columns is lexicographically
+    smallest as a sorted index tuple, all sets having the same size: at the first column
+    where two such sets differ, the one containing that column comes first."""
+    keys = tuple(~masks[:, j] for j in reversed(range(masks.shape[1])))
+    return int(np.lexsort(keys)[0]) if keys else 0
+
+
+def _mean_of(updates: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Mean of ``updates[rows]`` in float64, touching only those rows (a zero weight
+    on a non-finite row would still give NaN in :func:`weighted_sum`)."""
+    w = np.full(len(rows), 1.0 / len(rows))
+    out = np.empty(updates.shape[1])
+
+    def block_mean(cols, block):
+        out[cols] = w @ block[rows]
+
+    _for_blocks(updates, block_mean)
+    return out
+
+
+def mda(updates: np.ndarray, f: int, max_subsets: int = MDA_MAX_SUBSETS) -> AggregationResult:
+    """Minimum Diameter Averaging (El Mhamdi, Guerraoui and Rouault, "Distributed
+    Momentum for Byzantine-resilient Stochastic Gradient Descent", ICLR 2021; first
+    stated in El Mhamdi et al., "Genuinely Distributed Byzantine Machine Learning",
+    PODC 2020): among all subsets of n - f rows, the one with the smallest diameter
+    (largest pairwise Euclidean distance) is averaged.
+
+    Choices (the paper leaves them open):
+
+    - Requirement: 2f < n, as the paper's analysis and the authors' implementation
+      (which also allows only f >= 1; here f = 0 is accepted and gives the mean).
+    - Exhaustive search over the C(n, f) subsets, refused with ValueError when C(n, f)
+      exceeds ``max_subsets`` (default :data:`MDA_MAX_SUBSETS`, about one second).
+    - Ties: diameters are compared as squared distances; those within a relative
+      1e-12 of the smallest (``_TIE_RTOL``, as :func:`krum`) are ties, and the
+      lexicographically smallest index set wins (e.g. {0, 1, 3} before {0, 2, 3}),
+      which is also what a strict-minimum scan in ``itertools.combinations`` order
+      (the authors' code, ByzFL) returns for exact ties.
+    - Distances: float64, from :func:`pairwise_sq_distances` (exact next to 1e30 rows
+      and for near-identical rows). A row with a non-finite coordinate is +inf away
+      from all others, so a subset containing it is never chosen while another exists
+      (the authors' code drops such subsets too); with more than f such rows every
+      subset has an infinite diameter and ValueError is raised.
+
+    ``selected``: the chosen n - f rows. ``scores``: for each row, the smallest
+    diameter (a distance, not squared) of an (n - f)-subset containing it, so the
+    selected rows score the chosen diameter and an outlier scores high. ``info``:
+    ``diameter``, ``subsets`` (C(n, f)), ``ties`` (subsets tied with the best).
+
+    >>> mda(np.array([[0.0], [1.0], [1.5], [10.0]]), f=1).selected
+    array([0, 1, 2])
+    """
+    updates = _as_updates(updates)
+    n = updates.shape[0]
+    check_f_extra("mda", n, f)
+    subsets = math.comb(n, f)
+    if subsets > max_subsets:
+        raise ValueError(f"mda: C(n, f) = C({n}, {f}) = {subsets} subsets of n - f = {n - f} rows to search, "
+                         f"more than the bound max_subsets = {max_subsets} (MDA_MAX_SUBSETS)")
+    sq = _sq_distances_finite(updates)
+    keep = n - f
+    iu = np.triu_indices(n, 1)
+    pair_sq = sq[iu]
+    order = np.argsort(-pair_sq, kind="stable")
+    # A set R of f left-out rows touches at most f(n - 1) - f(f - 1)/2 pairs, so the
+    # largest pair inside the kept rows is among the first that many + 1 pairs.
+    scan = min(len(order), f * (n - 1) - f * (f - 1) // 2 + 1)
+    first, second, sorted_sq = iu[0][order[:scan]], iu[1][order[:scan]], pair_sq[order[:scan]]
+
+    best = np.inf
+    best_rows = np.full(n, np.inf)
+    candidates: list[tuple[np.ndarray, np.ndarray]] = []  # (diameters, kept masks) near the running best
+    combos = _combinations(n, f)  # the rows left out
+    for done in range(0, subsets, _MDA_BATCH):
+        left_out = combos[done:done + _MDA_BATCH]
+        m = len(left_out)
+        kept = np.ones((m, n), dtype=bool)
+        if f:
+            kept[np.arange(m)[:, None], left_out] = False
+        if keep >= 2:
+            inside = kept[:, first] & kept[:, second]
+            diam = sorted_sq[inside.argmax(axis=1)]
+        else:
+            diam = np.zeros(m)
+        np.minimum(best_rows, np.where(kept, diam[:, None], np.inf).min(axis=0), out=best_rows)
+        best = min(best, float(diam.min()))
+        near = (diam <= best * (1.0 + _TIE_RTOL)) | (diam == best)
+        if near.any():
+            candidates.append((diam[near], kept[near]))
+    if not math.isfinite(best):
+        raise ValueError(f"mda: more than f = {f} rows have non-finite coordinates; every subset of "
+                         f"n - f = {keep} rows has an infinite diameter")
+    diam = np.concatenate([c[0] for c in candidates])
+    masks = np.concatenate([c[1] for c in candidates])
+    tied = (diam <= best * (1.0 + _TIE_RTOL)) | (diam == best)
+    chosen = np.flatnonzero(masks[tied][_lexicographic_first(masks[tied])])
+    return AggregationResult(_mean_of(updates, chosen), selected=chosen, scores=np.sqrt(best_rows),
+                             info={"diameter": math.sqrt(best), "subsets": subsets, "ties": int(tied.sum())})
+
+
+def sq_distances_to(updates: np.ndarray, point: np.ndarray) -> np.ndarray:
+    """(n,) float64 squared distances from each row to ``point`` (d,), from the
+    differences themselves (no Gram cancellation: exact up to one rounding per
+    coordinate, next to 1e30 rows too). NaN (a row with a NaN) becomes +inf."""
+    updates = _as_updates(updates)
+    point = np.asarray(point, dtype=np.float64)
+    sq = np.zeros(updates.shape[0])
+
+    def block_sq(cols, block):
+        block -= point[cols]
+        return np.einsum("ij,ij->i", block, block)
+
+    with np.errstate(invalid="ignore", over="ignore"):
+        for part in _for_blocks(updates, block_sq):
+            sq += part
+    sq[np.isnan(sq)] = np.inf
+    return sq
+
+
+def monna(updates: np.ndarray, f: int, pivot: int | np.ndarray | None = None) -> AggregationResult:
+    """MoNNA's nearest-neighbour averaging (Farhadkhani, Guerraoui, Gupta, Hoang,
+    Pinot and Stephan, "Robust Collaborative Learning with Linear Gradient
+    Overhead", ICML 2023): the mean of the n - f rows nearest to a pivot.
+
+    In the paper each honest node is its own pivot (peer-to-peer: a node trusts its
+    own vector). A federated server has no vector of its own, so ``pivot`` is:
+
+    - an int: that row (the paper's setting, when the caller knows a trusted row);
+    - a (d,) array: that vector (e.g. a server-side reference gradient or the
+      previous round's aggregate);
+    - None (default): the coordinate-wise :func:`median` of the rows. With 2f < n
+      every coordinate of the median lies between the smallest and largest honest
+      value, so the pivot cannot be dragged outside the honest coordinate ranges,
+      whatever the Byzantine rows; it is deterministic and needs no extra state.
+      A Krum-selected row was not chosen: Krum can select a Byzantine row (ALIE,
+      Fang et al.), which would centre the neighbourhood on the attacker, and it
+      needs n >= 2f + 3. The authors' code also allows the pivot to be the output
+      of another rule in the server setting, which is what this default is.
+
+    Requirement: 2f < n (then the n - f neighbours hold at least n - 2f >= 1 honest
+    rows and the median default is bounded as above). Distances: float64 squared
+    distances to the pivot computed from the differences (:func:`sq_distances_to`);
+    a row with a non-finite coordinate is +inf away (ranked last); a non-finite
+    pivot raises ValueError. Ties: distances within a relative 1e-12 are ties,
+    lowest index first (:func:`_rank`).
+
+    ``selected``: the n - f rows averaged. ``scores``: each row's distance (not
+    squared) to the pivot. ``info``: ``pivot`` ("median", "row" or "vector") and
+    ``pivot_row`` (the index, or None).
+
+    >>> monna(np.array([[0.0], [1.0], [2.0], [9.0]]), f=1, pivot=0).selected
+    array([0, 1, 2])
+    """
+    updates = _as_updates(updates)
+    n, d = updates.shape
+    check_f_extra("monna", n, f)
+    pivot_row = None
+    if pivot is None:
+        kind, point = "median", median(updates).vector
+    elif isinstance(pivot, (int, np.integer)):
+        if not 0 <= pivot < n:
+            raise ValueError(f"monna: pivot row must be in [0, {n}), got {pivot}")
+        kind, pivot_row, point = "row", int(pivot), updates[int(pivot)].astype(np.float64)
+    else:
+        kind, point = "vector", np.asarray(pivot, dtype=np.float64)
+        if point.shape != (d,):
+            raise ValueError(f"monna: pivot must be a row index or a vector of shape ({d},), got shape {point.shape}")
+    if not np.isfinite(point).all():
+        raise ValueError(f"monna: the pivot ({kind}) has non-finite coordinates")
+    sq = sq_distances_to(updates, point)
+    chosen = np.sort(_rank(sq)[: n - f])
+    return AggregationResult(_mean_of(updates, chosen), selected=chosen, scores=np.sqrt(sq),
+                             info={"pivot": kind, "pivot_row": pivot_row})
+
+
+def arc_count(n: int, f: int) -> int:
+    """k = floor(2 (f / n) (n - f)), the number of rows ARC clips, in exact integer
+    arithmetic (ByzFL computes it in floating point, which can round one lower)."""
+    return (2 * f * (n - f)) // n
+
+
+def arc(updates: np.ndarray, f: int) -> np.ndarray:
+    """Adaptive Robust Clipping (Allouah, Guerraoui, Gupta, Jellouli, Rizk and
+    Stephan, "Boosting Robustness by Clipping Gradients in Distributed Learning",
+    2024, arXiv:2405.14432): the k = floor(2 (f / n) (n - f)) rows of largest L2 norm
+    are scaled down to the norm of the (k+1)-th largest; the others are unchanged.
+    Returns a new (n, d) float64 array, like :func:`clip`.
+
+    Choices: needs 2f < n (the paper's setting; k <= n/2 always, so the (k+1)-th
+    row exists); k in exact integers (:func:`arc_count`); norms in float64
+    (:func:`row_norms`, no overflow for 1e30 or float32-max rows). Ties in the norm
+    order are broken by lowest index, but they cannot change the output: rows tied
+    with the threshold have exactly the threshold norm and scaling them to it leaves
+    them as they are. A NaN norm ranks as the largest, so a non-finite row is among
+    the clipped ones when k > 0, but it stays non-finite (inf * 0 = NaN): ARC does
+    not sanitise rows. A threshold of 0 (the (k+1)-th largest row is all zeros)
+    zeroes the k largest rows.
+
+    >>> arc(np.array([[3.0, 4.0], [0.0, 1.0], [0.0, 2.0]]), f=1)[0].round(12).tolist()
+    [1.2, 1.6]
+    """
+    updates = _as_updates(updates)
+    n = updates.shape[0]
+    check_f_extra("arc", n, f)
+    k = arc_count(n, f)
+    norms = row_norms(updates)
+    factors = np.ones(n)
+    if k:
+        key = np.where(np.isnan(norms), np.inf, norms)
+        order = np.lexsort((np.arange(n), -key))  # largest norm first, ties by lowest index
+        threshold = float(norms[order[k]])
+        top = order[:k]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            factors[top] = np.where(norms[top] > threshold, threshold / norms[top], 1.0)
+    out = np.empty(updates.shape)
+
+    def scale_block(cols, block):
+        with np.errstate(invalid="ignore"):
+            np.multiply(block, factors[:, None], out=out[:, cols])
+
+    _for_blocks(updates, scale_block)
+    return out

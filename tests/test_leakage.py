@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedmpi import leakage
-from fedmpi.config import from_dict, validate
+from fedmpi.config import from_dict, from_mapping
 from fedmpi.data import load_digits_arrays, normalize
 from fedmpi.models import FlatModel, build_model, init_weights
 from fedmpi.training import LocalTrainer
@@ -28,8 +28,8 @@ def digits():
 def client_update(digits, idx, model="mlp", hidden=(32,), seed=0, **train):
     """A real fedmpi client update: (fresh module, global weights, update, normalized x, labels)."""
     x, y, _, _ = digits
-    cfg = from_dict({"seed": seed, "model": {"name": model, "hidden": list(hidden)}, "train": {"batch_size": 1, **train}})
-    validate(cfg)
+    model_cfg = {"name": model, "hidden": list(hidden)} if model == "mlp" else {"name": model}
+    cfg = from_mapping({"seed": seed, "model": model_cfg, "train": {"batch_size": 1, **train}})
     module = build_model(cfg.model, SHAPE, 10)
     w0 = init_weights(module, seed)
     out = np.empty_like(w0)
