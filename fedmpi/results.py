@@ -81,6 +81,19 @@ def progress_line(row: Mapping, rounds: int | None = None) -> str:
     return f"round {where}  {acc}  train_loss {row['train_loss']:.4f}{eps}  {row['wall_s']:.2f} s"
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset beyond the fixed schema (e.g. under /audit), created with the file:
+    HDF5's SWMR mode allows no new objects once the run writes rounds. ``growable``:
+    the first axis grows by :meth:`ResultsWriter.append_rows` (its initial length is
+    ``shape[0]``, usually 0); otherwise it is written whole by :meth:`ResultsWriter.write`."""
+
+    shape: tuple
+    dtype: str
+    description: str
+    growable: bool = False
+
+
 def default_path() -> str:
     return os.path.join("results", time.strftime("run-%Y%m%d-%H%M%S.h5", time.gmtime()))
 
@@ -90,10 +103,12 @@ class ResultsWriter:
 
     def __init__(self, path: str, *, config_yaml: str, world_size: int, seed: int, layout: list,
                  overwrite: bool = False, snapshot_every: int = 0, attrs: dict | None = None,
-                 state_spec: dict | None = None, history: dict | None = None):
+                 state_spec: dict | None = None, history: dict | None = None,
+                 extra: dict[str, DatasetSpec] | None = None):
         """``state_spec``: {name: (shape, dtype)} of the server state a checkpoint holds.
         ``history``: rows of an earlier session to copy in (resume), as returned by
-        :func:`read_checkpoint`."""
+        :func:`read_checkpoint`. ``extra``: {path: DatasetSpec} of datasets beyond the
+        fixed schema, created now (filled with NaN where the dtype allows)."""
         import h5py
 
         parent = os.path.dirname(os.path.abspath(path))
@@ -136,6 +151,13 @@ class ResultsWriter:
                 f.create_dataset(f"checkpoint/slot{slot}/{name}", shape=shape, dtype=dtype)
         f.create_dataset("checkpoint/current", data=np.array([-1, -1], dtype=np.int64))
         f["checkpoint"].attrs["description"] = "current = [slot, round]: slot<k> holds the state after that round"
+        for name, spec in (extra or {}).items():
+            fill = np.nan if np.dtype(spec.dtype).kind == "f" else None
+            chunks = (max(1, min(1024, (1 << 20) // max(1, np.dtype(spec.dtype).itemsize * int(np.prod(spec.shape[1:]))))),
+                      *spec.shape[1:]) if spec.growable else None
+            ds = f.create_dataset(name, shape=spec.shape, dtype=spec.dtype, fillvalue=fill, chunks=chunks,
+                                  maxshape=(None, *spec.shape[1:]) if spec.growable else None)
+            ds.attrs["description"] = spec.description
         if history:
             self._copy_history(history)
         f.swmr_mode = True
@@ -179,6 +201,16 @@ class ResultsWriter:
             self._append(self.f["rounds"][name], [getattr(round_record, name)])
         for name in CLIENT_FIELDS:
             self._append(self.f["clients"][name], getattr(client_records, name))
+        self.f.flush()
+
+    def append_rows(self, name: str, values) -> None:
+        """Append rows to a growable extra dataset; then flush."""
+        self._append(self.f[name], values)
+        self.f.flush()
+
+    def write(self, name: str, values) -> None:
+        """Write a fixed-shape extra dataset whole; then flush."""
+        self.f[name][...] = values
         self.f.flush()
 
     def snapshot(self, round_index: int, weights: np.ndarray) -> None:

@@ -2,8 +2,9 @@
 plus variants that reach each aggregation path, on 1, 2 and 3 ranks, and hash
 ``/model/final`` and every non-timing dataset under ``/rounds`` and ``/clients``.
 
-    python tools/output_digest.py --save before.json          # on the old tree
-    python tools/output_digest.py --compare before.json       # on the new tree
+    git worktree add /tmp/before HEAD~1
+    python tools/output_digest.py --save before.json --code /tmp/before   # the old code, these cases
+    python tools/output_digest.py --compare before.json                   # this checkout
 
 Prints one line per (case, ranks) with the digest, and with ``--compare`` whether
 it matches. Exit status 1 when any digest differs. MNIST-style cases run on small
@@ -29,6 +30,15 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = {"wall_s", "train_s", "comm_s", "aggregate_s", "eval_s"}
+# The fields hashed: those of the results schema when this tool was written. Fields added
+# later are new outputs, not changed ones, and are left out.
+FIELDS = {
+    "rounds": ("round", "cohort_size", "test_accuracy", "test_loss", "train_loss", "update_norm", "byzantine_in_cohort",
+               "byzantine_selected", "epsilon", "epsilon_median", "delta", "noise_multiplier", "clip_norm",
+               "clipped_fraction"),
+    "clients": ("round", "slot", "client_id", "num_samples", "update_norm", "train_loss", "steps", "byzantine", "selected",
+                "score", "clipped_fraction"),
+}
 
 # name: (config file or None, overrides); rounds are cut to ROUNDS for every case.
 ROUNDS = 3
@@ -98,21 +108,21 @@ def cases(tmp: Path) -> dict:
     return found
 
 
-def digest(path: Path) -> str:
+def digest(path: Path, ignore: set) -> str:
     import h5py
 
     h = hashlib.sha256()
     with h5py.File(path, "r") as f:
         h.update(f["model/final"][()].tobytes())
-        for group in ("rounds", "clients"):
-            for name in sorted(f[group]):
-                if name not in TIMING:
+        for group, names in FIELDS.items():
+            for name in sorted(names):
+                if name not in ignore:
                     h.update(name.encode())
                     h.update(f[group][name][()].tobytes())
     return h.hexdigest()[:16]
 
 
-def run_case(name: str, spec: tuple, ranks: int, tmp: Path, mpirun: str) -> str:
+def run_case(name: str, spec: tuple, ranks: int, tmp: Path, mpirun: str, ignore: set, code: Path) -> str:
     config, overrides = spec
     out = tmp / f"{name}-{ranks}.h5"
     cmd = [sys.executable, "-m", "fedmpi.run", "--config", str(REPO / config), "--set", f"rounds={ROUNDS}",
@@ -121,11 +131,11 @@ def run_case(name: str, spec: tuple, ranks: int, tmp: Path, mpirun: str) -> str:
         cmd += ["--set", item]
     if ranks > 1:
         cmd = [mpirun, "-n", str(ranks), *cmd]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(code))
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         return f"failed({proc.returncode}): {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"
-    return digest(out)
+    return digest(out, ignore)
 
 
 def main() -> int:
@@ -135,9 +145,14 @@ def main() -> int:
     group.add_argument("--compare", metavar="JSON")
     parser.add_argument("--ranks", default="1,2,3")
     parser.add_argument("--only", help="comma-separated case names")
+    parser.add_argument("--code", default=str(REPO), help="the checkout whose fedmpi runs (default: this one), e.g. a "
+                        "worktree of the commit before a change, to make the baseline with this tool's cases")
+    parser.add_argument("--ignore", default="", help="comma-separated /rounds or /clients fields to leave out of both "
+                        "sides (e.g. epsilon,epsilon_median when only the accountant changed)")
     args = parser.parse_args()
     mpirun = str(Path(sys.executable).parent / "mpirun")
     expected = json.loads(Path(args.compare).read_text()) if args.compare else {}
+    ignore = {name for name in args.ignore.split(",") if name}
     results, differ = {}, 0
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmpdir:
@@ -149,7 +164,7 @@ def main() -> int:
                 continue
             for ranks in map(int, args.ranks.split(",")):
                 key = f"{name}@{ranks}"
-                results[key] = value = run_case(name, spec, ranks, tmp, mpirun)
+                results[key] = value = run_case(name, spec, ranks, tmp, mpirun, ignore, Path(args.code).resolve())
                 verdict = ""
                 if args.compare:
                     same = expected.get(key) == value and not value.startswith("failed")
