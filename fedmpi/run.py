@@ -10,7 +10,8 @@ Start-up, in this order:
 2. MPI is initialised and the ranks exchange one small status record, so a
    problem found on any rank stops all of them with one line and exit status 2,
    before any results file exists; the calibrated noise multiplier travels with
-   it and gives every rank the same run config;
+   it and gives every rank the same run config, and each rank's host name is
+   kept as the ``rank_hosts`` attribute;
 3. rank 0 creates the results file and runs the server loop; ranks >= 1 serve
    rounds. With P = 1, rank 0 trains the clients itself.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -150,8 +152,8 @@ def main(argv: list | None = None) -> int:
         print(f"fedmpi: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     comm.barrier_idle()  # ranks done early sleep here instead of spinning while others load
-    statuses = comm.allgather((error, calibrated))
-    failed = [(r, e) for r, (e, _) in enumerate(statuses) if e]
+    statuses = comm.allgather((error, calibrated, socket.gethostname()))
+    failed = [(r, e) for r, (e, _, _) in enumerate(statuses) if e]
     if failed:
         if comm.rank == 0:
             r, message = failed[0]
@@ -172,7 +174,7 @@ def main(argv: list | None = None) -> int:
     stopped = False
     try:
         stopped = run_experiment(run_cfg, comm, data, config_yaml=cfg.to_yaml(), quiet=args.quiet,
-                                 resume_path=args.resume)
+                                 resume_path=args.resume, rank_hosts=[host for _, _, host in statuses])
     except BaseException as exc:  # noqa: BLE001 - any failure must take the whole job down
         if isinstance(exc, SystemExit) and not exc.code:
             raise
@@ -189,11 +191,11 @@ def _stored_rounds(resume: dict) -> int:
     return int(yaml.safe_load(resume["config"])["rounds"])
 
 
-def _run_attrs(cfg: Config, data) -> dict:
+def _run_attrs(cfg: Config, data, rank_hosts: list) -> dict:
     from .attacks import byzantine_clients
 
     a = cfg.attack
-    attrs = {"model_input_shape": list(data.input_shape), "model_num_classes": data.num_classes,
+    attrs = {"rank_hosts": rank_hosts, "model_input_shape": list(data.input_shape), "model_num_classes": data.num_classes,
              "byzantine_clients": byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients)}
     if data.norm_mean is not None:
         attrs["data_norm_mean"], attrs["data_norm_std"] = data.norm_mean, data.norm_std
@@ -209,10 +211,12 @@ def _run_attrs(cfg: Config, data) -> dict:
     return attrs
 
 
-def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = False, resume_path: str | None = None) -> bool:
+def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = False, resume_path: str | None = None,
+                   rank_hosts: list | None = None) -> bool:
     """This rank's part of one run of ``cfg`` (the noise multiplier already calibrated)
-    over ``comm``; ``config_yaml``: the config as the user gave it, stored in the file.
-    Returns True when a signal stopped the run after a checkpoint."""
+    over ``comm``; ``config_yaml``: the config as the user gave it, stored in the file;
+    ``rank_hosts``: each rank's host name. Returns True when a signal stopped the run
+    after a checkpoint."""
     import torch
 
     from .models import FlatModel, build_model, init_weights, layout
@@ -244,7 +248,7 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
     loop = ServerLoop(cfg, clients, data, model, weights, writer=None, quiet=quiet)
     _on_stop_signals(lambda name: setattr(loop, "stop_signal", name))
     specs = [{"name": s.name, "shape": list(s.shape), "offset": s.offset, "numel": s.numel} for s in layout(module)]
-    attrs = _run_attrs(cfg, data)
+    attrs = _run_attrs(cfg, data, rank_hosts or [socket.gethostname()])
     path, history, start_round = cfg.output.path, None, 0
     if resume_path:
         info = read_checkpoint(resume_path)
