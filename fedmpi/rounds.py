@@ -113,11 +113,9 @@ class PresummedMean:
     """``transport: reduce``: FedAvg from sum_i n_i update_i, which the workers summed;
     rank 0 never holds the rows. Scores are the slots' FedAvg weights."""
 
-    state: dict[str, np.ndarray] = {}
-
     def __init__(self, cfg: Config, size: int):
         self.size = size
-        self.state = {}
+        self.state: dict[str, np.ndarray] = {}
 
     def __call__(self, updates: Updates, round_index: int) -> Aggregate:
         samples = updates.samples
