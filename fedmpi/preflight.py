@@ -55,7 +55,14 @@ def check_device(cfg: Config) -> None:
 
 
 def check_model(cfg: Config, data: FederatedData) -> None:
-    check = ARCHITECTURES[cfg.model.name].check
+    arch = ARCHITECTURES[cfg.model.name]
+    if arch.tokens != data.tokens:
+        takes = "character codes" if arch.tokens else "real-valued inputs"
+        gives = "character codes" if data.tokens else "real-valued inputs"
+        users = [name for name, a in ARCHITECTURES.items() if a.tokens == data.tokens]
+        raise ConfigError("model.name", cfg.model.name, f"takes {takes}, but data.name = {cfg.data.name} gives {gives} "
+                          f"(models for these: {', '.join(users)})")
+    check = arch.check
     problem = check(data.input_shape) if check else None
     if problem:
         raise ConfigError("model.name", cfg.model.name, f"{problem}; data.name = {cfg.data.name} gives samples of "
