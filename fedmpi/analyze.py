@@ -266,17 +266,14 @@ def make_plots(runs: list[RunResults], directory: str, fmt: str = "png") -> list
 
 # --------------------------------------------------------------------------- TensorBoard
 
-# /rounds field -> TensorBoard tag: grouped by what it measures ("time/wall_s"); a field
-# not listed (added later) goes under "rounds/". The round index is the step.
-TENSORBOARD_TAGS = {
-    "test_accuracy": "eval/test_accuracy", "test_loss": "eval/test_loss",
-    "train_loss": "train/train_loss", "update_norm": "train/update_norm", "cohort_size": "train/cohort_size",
-    "byzantine_in_cohort": "byzantine/in_cohort", "byzantine_selected": "byzantine/selected",
-    "epsilon": "privacy/epsilon", "epsilon_median": "privacy/epsilon_median", "delta": "privacy/delta",
-    "noise_multiplier": "privacy/noise_multiplier", "clip_norm": "privacy/clip_norm",
-    "clipped_fraction": "privacy/clipped_fraction",
-    "wall_s": "time/wall_s", "train_s": "time/train_s", "comm_s": "time/comm_s", "aggregate_s": "time/aggregate_s",
-    "eval_s": "time/eval_s",
+# /rounds field -> the group of its TensorBoard tag "<group>/<field>" (e.g. "time/wall_s");
+# a field not listed (added later) goes under "rounds/". The round index is the step.
+TENSORBOARD_GROUPS = {
+    "test_accuracy": "eval", "test_loss": "eval", "train_loss": "train", "update_norm": "train", "cohort_size": "train",
+    "byzantine_in_cohort": "byzantine", "byzantine_selected": "byzantine", "epsilon": "privacy",
+    "epsilon_median": "privacy", "delta": "privacy", "noise_multiplier": "privacy", "clip_norm": "privacy",
+    "clipped_fraction": "privacy", "wall_s": "time", "train_s": "time", "comm_s": "time", "aggregate_s": "time",
+    "eval_s": "time",
 }
 
 
@@ -322,7 +319,8 @@ def export_tensorboard(runs: list[RunResults], directory: str) -> list[str]:
         writer = EventFileWriter(logdir)
         hparams = {key: _hparam_value(value) for key, value in sorted(flatten(run.config).items())
                    if key not in IGNORED_KEYS}
-        tags = [tag for field, tag in TENSORBOARD_TAGS.items() if field in rounds and np.isfinite(rounds[field]).any()]
+        fields = {field: f"{TENSORBOARD_GROUPS.get(field, 'rounds')}/{field}" for field in rounds if field != "round"}
+        tags = [tag for field, tag in fields.items() if np.isfinite(rounds[field]).any()]
         kinds = {bool: api_pb2.DATA_TYPE_BOOL, int: api_pb2.DATA_TYPE_FLOAT64, float: api_pb2.DATA_TYPE_FLOAT64,
                  str: api_pb2.DATA_TYPE_STRING}
         experiment = plugin_data_pb2.HParamsPluginData(experiment=api_pb2.Experiment(
@@ -338,9 +336,7 @@ def export_tensorboard(runs: list[RunResults], directory: str) -> list[str]:
             event = Event(wall_time=start, step=0)
             event.summary.value.add(tag=tag, metadata=metadata.create_summary_metadata(data))
             writer.add_event(event)
-        for field, tag in TENSORBOARD_TAGS.items():
-            if field not in rounds:
-                continue
+        for field, tag in fields.items():
             for step, value, when in zip(rounds["round"], rounds[field], wall):
                 if np.isfinite(value):
                     event = Event(wall_time=float(when), step=int(step))

@@ -89,7 +89,6 @@ package version where one is found, the SHA-256 of the module's source file).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -225,15 +224,16 @@ def one_line(exc: BaseException) -> str:
 
 
 def load(kind: str, path: str, key: str) -> Spec:
-    """Import ``path`` as an extension of ``kind`` and check it against its contract
-    (cached per path); a problem is a ConfigError naming ``key`` and the path."""
+    """Import ``path`` as an extension of ``kind`` and check it against its contract; a
+    problem is a ConfigError naming ``key`` and the path. Nothing is cached beyond
+    Python's own modules: a module reloaded in a notebook (``importlib.reload``) is
+    what the next run uses."""
     try:
         return _load(kind, path)
     except _Problem as problem:
         raise ConfigError(key, path, str(problem)) from None
 
 
-@functools.cache
 def _load(kind: str, path: str) -> Spec:
     contract = CONTRACTS[kind]
     if not PATH.fullmatch(path):

@@ -46,6 +46,22 @@ def run_job(ranks: int | None, args: list, cwd: Path, timeout: float = 300, modu
     return proc
 
 
+def expect_rejected(tmp_path: Path, args: list, *fragments: str, ranks: int | None = 2) -> str:
+    """Run fedmpi with ``args``; assert it stops with exit status 2, one line on stderr
+    holding every fragment, nothing on stdout and no results file. Returns the line."""
+    out = tmp_path / "out.h5"
+    proc = run_job(ranks, [*args, "--out", out, "--quiet"], tmp_path, timeout=120)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert len(lines) == 1, f"expected one line, got:\n{proc.stderr}"
+    assert lines[0].startswith("fedmpi: ")
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    assert not out.exists(), "a results file was left behind"
+    assert proc.stdout == ""
+    return lines[0]
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
     """Write an IDX file of unsigned bytes (gzipped when the name ends in .gz)."""
     array = np.ascontiguousarray(array, dtype=np.uint8)

@@ -6,21 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import CONFIGS, make_idx_dataset, run_job, write_idx
-
-
-def _expect_rejected(tmp_path, args, *fragments, ranks=2):
-    out = tmp_path / "out.h5"
-    proc = run_job(ranks, [*args, "--out", out, "--quiet"], tmp_path, timeout=120)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert len(lines) == 1, f"expected one line, got:\n{proc.stderr}"
-    assert lines[0].startswith("fedmpi: ")
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
-    assert not out.exists(), "a results file was left behind"
-    assert proc.stdout == ""
-    return lines[0]
-
+from conftest import expect_rejected as _expect_rejected
 
 CONFIG_CASES = {
     "unknown key": (["--set", "train.lrr=0.1"], "train.lrr = 0.1", "unknown key", "lr"),

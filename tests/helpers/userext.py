@@ -1,10 +1,11 @@
 """User code for tests/test_extensions.py, named by import path (tests/helpers on
-PYTHONPATH): extensions that break their contract in one way each, and a stateful rule."""
+PYTHONPATH): extensions that break their contract in one way each, a stateful rule,
+and the built-ins written as user code. No torch here (usermodels.py has the models),
+so that the jobs refused before training do not pay for importing it."""
 
 from __future__ import annotations
 
 import numpy as np
-from torch import nn
 
 from fedmpi.aggregation import AggregationResult, clip, krum, median
 from fedmpi.attacks import ATTACKS, Attack
@@ -40,15 +41,6 @@ def smoothed_median(rows: np.ndarray, *, state: dict, beta: float = 0.5) -> Aggr
     state["rounds"] += 1
     state["average"] += (vector - state["average"]) / state["rounds"][0]
     return AggregationResult(vector, result.selected, result.scores)
-
-
-def wrong_classes(*, input_shape: tuple, num_classes: int) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), num_classes + 3))
-
-
-def batch_norm(*, input_shape: tuple, num_classes: int) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), 16), nn.BatchNorm1d(16), nn.ReLU(),
-                         nn.Linear(16, num_classes))
 
 
 def mismatched(*, rng: np.random.Generator) -> tuple:
@@ -89,5 +81,13 @@ def digits(*, test_fraction: float = 0.2) -> tuple:
     return split_train_test(x / np.float32(16.0), y, test_fraction, 0)
 
 
-def logreg(*, input_shape: tuple, num_classes: int) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), num_classes))
+def needs_threshold(rows: np.ndarray, *, threshold: float, label: str | None = None) -> AggregationResult:
+    return AggregationResult(rows.astype(np.float64).mean(axis=0))
+
+
+def takes_state_undeclared(rows: np.ndarray, *, state: dict) -> AggregationResult:
+    return AggregationResult(rows.astype(np.float64).mean(axis=0))
+
+
+def not_an_attack(update: np.ndarray, params: dict, rng: np.random.Generator) -> None:  # a hook, not an Attack
+    update *= -1
