@@ -16,7 +16,8 @@ they can, and medians are reported). Sections:
                GEMM; FedAvg >= 0.5x the streaming bandwidth.
 ``krum``       only Krum's distance computation at n = 64, d = 1e6 against one GEMM.
 ``dp``         one DP-SGD step against a non-private step, one thread, batch 64, MLP
-               784-200-200-10 and McMahan et al.'s CNN. Target <= 3x.
+               784-200-200-10 and McMahan et al.'s CNN. Target <= 3x. And the character
+               LSTM (batch 10), whose embedding and LSTM layers take the generic vmap path.
 ``startup``    time to the first round at 2, 4 and 16 ranks; which heavy modules each
                rank imported (h5py, matplotlib, scikit-learn, pandas, dp-accounting stay
                out of workers that do not use them).
@@ -285,18 +286,21 @@ def bench_aggregation(quick: bool = False) -> list[dict]:
 # --------------------------------------------------------------------------- dp
 
 
-def _dp_step_times(model_cfg, batch: int, repeats: int) -> dict[str, float]:
+def _dp_step_times(model_cfg, batch: int, repeats: int, shape: tuple = (1, 28, 28), classes: int = 10) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
     from .models import FlatModel, build_model
     from .privacy.dpsgd import PerExampleGradients
 
-    module = build_model(model_cfg, (1, 28, 28), 10)
+    module = build_model(model_cfg, shape, classes)
     flat = FlatModel(module)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 1, 28, 28, generator=gen)
-    y = torch.randint(0, 10, (batch,), generator=gen)
+    if len(shape) == 1:  # character codes
+        x = torch.randint(0, classes, (batch, *shape), generator=gen).to(torch.uint8)
+    else:
+        x = torch.randn(batch, *shape, generator=gen)
+    y = torch.randint(0, classes, (batch,), generator=gen)
     per_example = PerExampleGradients(module)
     views = [p.grad for p in module.parameters()]
     noise = torch.empty(flat.size)
@@ -327,6 +331,10 @@ def bench_dp(quick: bool = False, batch: int = 64) -> list[dict]:
         ratio = t["dp"] / t["plain"]
         rows.append(_row("dp", f"DP-SGD step, {label}, batch {batch}, 1 thread", t["dp"], t["plain"], "s", ratio,
                          "<= 3x", ratio <= 3.0))
+    # the generic (torch.func vmap) path: embedding and LSTM layers; batch 10 as in the Shakespeare configs
+    t = _dp_step_times(ModelConfig(name="char_lstm"), 10, 3 if quick else 10, shape=(80,), classes=81)
+    rows.append(_row("dp", "DP-SGD step, char LSTM (vmap path), batch 10, 1 thread", t["dp"], t["plain"], "s",
+                     t["dp"] / t["plain"], "-", None))
     return rows
 
 

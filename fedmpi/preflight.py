@@ -18,7 +18,7 @@ import numpy as np
 
 from . import attacks, extensions, seeding
 from . import data as data_mod
-from .architectures import count_params
+from .architectures import ARCHITECTURES, count_params
 from .data import FederatedData
 from .extensions import ExtensionFailed, is_path, one_line
 from .schema import Config, ConfigError
@@ -64,10 +64,16 @@ def check_device(cfg: Config) -> None:
 
 def check_model(cfg: Config, data: FederatedData) -> int:
     """The model against the data; returns its number of parameters."""
-    architecture = extensions.architecture(cfg.model.name)
-    if architecture.build is not None:
+    arch = extensions.architecture(cfg.model.name)
+    if arch.build is not None:
         return check_user_model(cfg, data)
-    problem = architecture.check(data.input_shape) if architecture.check else None
+    if arch.tokens != data.tokens:
+        takes = "character codes" if arch.tokens else "real-valued inputs"
+        gives = "character codes" if data.tokens else "real-valued inputs"
+        users = [name for name, a in ARCHITECTURES.items() if a.tokens == data.tokens]
+        raise ConfigError("model.name", cfg.model.name, f"takes {takes}, but data.name = {cfg.data.name} gives {gives} "
+                          f"(models for these: {', '.join(users)})")
+    problem = arch.check(data.input_shape) if arch.check else None
     if problem:
         raise ConfigError("model.name", cfg.model.name, f"{problem}; data.name = {cfg.data.name} gives samples of "
                           f"shape {data.input_shape}")
@@ -75,10 +81,12 @@ def check_model(cfg: Config, data: FederatedData) -> int:
 
 
 def check_user_model(cfg: Config, data: FederatedData) -> int:
-    """Build a user model and try one training-mode forward pass on a probe batch: it
-    must be a module of float32 parameters, map (2, *input_shape) to (2, classes)
-    logits and change no buffer (buffers do not travel between ranks)."""
+    """Build a user model and try one training-mode forward pass on two training
+    samples: it must be a module of float32 parameters, map (2, *input_shape) to
+    (2, classes) logits and change no buffer (buffers do not travel between ranks).
+    With DP-SGD, one clipped step on them too (each layer on its per-example path)."""
     import torch
+    import torch.nn.functional as F
 
     from .models import build_model
 
@@ -101,18 +109,19 @@ def check_user_model(cfg: Config, data: FederatedData) -> int:
     for name, p in named:
         if p.dtype != torch.float32:
             refuse(f"parameter {name} is {p.dtype}; fedmpi moves float32 parameters")
+    x, y = _probe_samples(data)
     before = {name: b.detach().clone() for name, b in module.named_buffers()}
-    batch = torch.from_numpy(seeding.rng(cfg.seed, "probe").normal(size=(2, *shape)).astype(np.float32))
     module.train()
     try:
         with torch.no_grad():
-            out = module(batch)
+            out = module(x)
     except Exception as exc:  # noqa: BLE001
-        refuse(f"raised {one_line(exc)} on a batch of 2 inputs of shape {shape} (data.name = {cfg.data.name})")
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, classes):
+        refuse(f"raised {one_line(exc)} on a batch of {len(x)} training samples of shape {shape} "
+               f"(data.name = {cfg.data.name})")
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(x), classes):
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
-        refuse(f"maps a batch of 2 inputs of shape {shape} to {got}; expected logits of shape (2, {classes}): "
-               f"data.name = {cfg.data.name} has {classes} classes")
+        refuse(f"maps a batch of {len(x)} inputs of shape {shape} to {got}; expected logits of shape ({len(x)}, "
+               f"{classes}): data.name = {cfg.data.name} has {classes} classes")
     changed = [name for name, b in module.named_buffers() if name in before and not torch.equal(before[name], b)]
     if changed:
         refuse(f"buffer {changed[0]} changes in a training step; only parameters travel between ranks, so it would "
@@ -120,11 +129,31 @@ def check_user_model(cfg: Config, data: FederatedData) -> int:
     if cfg.privacy.mode == "sample":
         from .privacy.dpsgd import PerExampleGradients
 
-        try:  # TODO(issue 14d): layers the ghost-norm path does not cover go to the generic per-sample path
-            PerExampleGradients(module).remove()
-        except ValueError as exc:
-            refuse(f"privacy.mode = sample: {exc}")
+        try:
+            per_example = PerExampleGradients(module)
+            per_example.compute(x, y, F.cross_entropy, cfg.privacy.max_grad_norm,
+                                [torch.empty_like(p) for _, p in named])
+            per_example.remove()
+        except Exception as exc:  # noqa: BLE001
+            refuse(f"privacy.mode = sample: its per-example gradients failed on {len(x)} training samples: "
+                   f"{one_line(exc)}")
     return sum(p.numel() for _, p in named)
+
+
+def _probe_samples(data: FederatedData) -> tuple:
+    """Two training samples (one where no client holds two), as torch tensors."""
+    import torch
+
+    best = None
+    for cid in range(data.num_clients):
+        x, y = data.client(cid)
+        if len(y) >= 2:
+            best = (x[:2], y[:2])
+            break
+        if len(y) and best is None:
+            best = (x[:1], y[:1])
+    x, y = best
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
 
 
 def probe_server_code(cfg: Config, data: FederatedData, num_params: int) -> None:

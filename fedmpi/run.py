@@ -231,6 +231,8 @@ def _run_attrs(cfg: Config, data, rank_hosts: list) -> dict:
         attrs["extensions"] = json.dumps(used)
     if data.norm_mean is not None:
         attrs["data_norm_mean"], attrs["data_norm_std"] = data.norm_mean, data.norm_std
+    if data.client_names is not None:
+        attrs["data_client_names"] = [str(name) for name in data.client_names]
     p = cfg.privacy
     attrs["dp_mode"] = p.mode
     if p.mode != "none":
@@ -264,6 +266,12 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
         print("fedmpi: warning: privacy.batch_sampling = shuffle uses fixed-size batches, but the privacy "
               "accounting assumes Poisson sampling; the reported epsilon is then an approximation", flush=True)
     module = build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed)
+    if comm.rank == 0 and p.mode == "sample" and not quiet:
+        from .privacy.dpsgd import describe_plan, per_example_plan
+
+        plan = per_example_plan(module)
+        if any(step.path == "vmap" for step in plan):
+            print(f"fedmpi: DP-SGD per-example gradients: {describe_plan(plan)}", flush=True)
     weights = init_weights(module, cfg.seed).copy() if comm.rank == 0 else None
     model = FlatModel(module, choose_device(cfg, comm))
     reduce = cfg.transport == "reduce"

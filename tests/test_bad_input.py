@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import CONFIGS, make_idx_dataset, run_job, write_idx
-from conftest import expect_rejected as _expect_rejected
+from conftest import CONFIGS, expect_rejected, make_idx_dataset, run_job, write_idx
+
+_expect_rejected = expect_rejected
 
 CONFIG_CASES = {
     "unknown key": (["--set", "train.lrr=0.1"], "train.lrr = 0.1", "unknown key", "lr"),
@@ -17,7 +18,7 @@ CONFIG_CASES = {
     "negative rounds": (["--set", "rounds=-3"], "rounds = -3", ">= 1"),
     "negative learning rate": (["--set", "train.lr=-0.1"], "train.lr = -0.1", "> 0"),
     "momentum of one": (["--set", "server.momentum=1.0"], "server.momentum = 1.0", "[0, 1)"),
-    "unknown dataset": (["--set", "data.name=cifar10"], "data.name = 'cifar10'", "one of synthetic, digits"),
+    "unknown dataset": (["--set", "data.name=imagenet"], "data.name = 'imagenet'", "one of synthetic, digits"),
     "unknown model": (["--set", "model.name=resnet"], "model.name = 'resnet'", "logreg, mlp, cnn"),
     "unknown partitioner": (["--set", "data.partition.name=zipf"], "data.partition.name = 'zipf'", "iid, dirichlet, shards"),
     "hidden width zero": (["--set", "model.hidden=[200,0]"], "model.hidden[1] = 0", ">= 1"),
@@ -31,6 +32,8 @@ CONFIG_CASES = {
                                      "data.partition.min_samples = 200", "lower it or raise data.partition.alpha"),
     "cnn on vector data": (["--set", "data.name=synthetic", "--set", "model.name=cnn"],
                            "model.name = 'cnn'", "needs image inputs", "(60,)"),
+    "character model on pixels": (["--set", "model.name=char_lstm"], "model.name = 'char_lstm'",
+                                  "takes character codes, but data.name = digits gives real-valued inputs"),
     "krum cannot tolerate f": (["--set", "aggregator.name=krum", "--set", "aggregator.f=7"],
                                "aggregator.f = 7", "krum needs n >= 2f + 3; got n = 16, f = 7"),
     "unknown attack parameter": (["--set", "attack.name=ipm", "--set", "attack.fraction=0.25", "--set", "attack.params={lambda: 2}"],

@@ -248,3 +248,40 @@ def test_rule_that_returns_non_finite_values_mid_run_stops_with_one_line(tmp_pat
                      "run.h5"]
     run = load(str(tmp_path / "run.h5"))
     assert len(run.rounds) == 1 and not run.finished and np.isfinite(run.rounds["test_accuracy"]).all()
+
+
+def test_user_model_mixing_ghost_norm_and_vmap_layers_clips_like_a_per_example_float64_loop():
+    """DP-SGD on the tutorial's CNN: Conv2d and Linear on the ghost-norm path, GroupNorm
+    on the generic torch.func path; the clipped sum against a loop over examples."""
+    import torch
+    import torch.nn.functional as F
+    from fedmpi_ext.models import group_norm_cnn
+
+    from fedmpi.privacy.dpsgd import clipped_grad_sum, per_example_plan
+
+    torch.manual_seed(0)
+    model = group_norm_cnn(input_shape=(1, 8, 8), num_classes=10, width=8, groups=4).double()
+    plan = {p.name: p.path for p in per_example_plan(model)}
+    assert plan == {"features.0": "ghost", "features.1": "vmap", "features.4": "ghost", "features.5": "vmap",
+                    "classifier": "ghost"}
+    x, y = 3 * torch.randn(12, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (12,))
+    per_example = []
+    for i in range(12):
+        loss = F.cross_entropy(model(x[i:i + 1]), y[i:i + 1], reduction="sum")
+        per_example.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))]))
+    norms = torch.stack([g.norm() for g in per_example])
+    clip = float(norms.median())  # some examples clipped, some not
+    expected = sum(g * min(1.0, clip / float(n)) for g, n in zip(per_example, norms))
+    torch.testing.assert_close(clipped_grad_sum(model, F.cross_entropy, x, y, clip), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_user_model_trains_with_dp_sgd_and_the_log_names_its_paths_once(tmp_path, capsys):
+    import fedmpi
+
+    run = fedmpi.simulate(EXAMPLES / "extension_run.yaml", overrides=[
+        "rounds=1", "clients.per_round=4", "attack.name=none", "attack.fraction=null", "aggregator.name=fedavg",
+        "aggregator.params={}", "privacy.mode=sample", "privacy.noise_multiplier=1.0"], out=tmp_path / "dp.h5", quiet=False)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "per-example gradients" in ln]
+    assert lines == ["fedmpi: DP-SGD per-example gradients: ghost norm for 3 layers (features.0: Conv2d, features.4: "
+                     "Conv2d, classifier: Linear); torch.func vmap for 2 layers (features.1: GroupNorm, features.5: GroupNorm)"]
+    assert np.isfinite(run.rounds["epsilon"]).all() and 0 < run.rounds["clipped_fraction"].iloc[0] <= 1
