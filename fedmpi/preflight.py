@@ -152,6 +152,8 @@ def _probe_samples(data: FederatedData) -> tuple:
             break
         if len(y) and best is None:
             best = (x[:1], y[:1])
+    if best is None:
+        raise ConfigError("clients.total", data.num_clients, "no client holds a training sample")
     x, y = best
     return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
 
