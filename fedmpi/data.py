@@ -440,16 +440,20 @@ def open_h5(path: str):
     return f
 
 
-def _writer_arrays(f, writer: str, read_pixels: bool, num_classes: int, path: str) -> tuple:
-    """(pixels or None, labels) of one writer's group, checked against the layout."""
+def _writer_arrays(f, writer: str, read_pixels: bool, num_classes: int, path: str, image: tuple) -> tuple:
+    """(pixels or None, labels) of one writer's group, checked against the layout and
+    the ``image`` shape (H, W) of every writer."""
     where, name = os.path.dirname(path), os.path.basename(path)
     try:
         group = f["examples"][writer]
         pixels, label = group["pixels"], group["label"]
         n = label.shape[0] if label.ndim else -1
-        if pixels.ndim != 3 or pixels.shape[0] != n or label.shape not in ((n,), (n, 1)):
+        if pixels.shape[1:] != image or pixels.shape[0] != n or label.shape not in ((n,), (n, 1)):
             raise DataError("data.dir", where, f"{name}: writer {writer} has pixels {pixels.shape} and label "
-                            f"{label.shape}; expected (N, H, W) and (N,)")
+                            f"{label.shape}; expected (N, {image[0]}, {image[1]}) and (N,)")
+        if pixels.dtype.kind != "f" or label.dtype.kind not in "iu":
+            raise DataError("data.dir", where, f"{name}: writer {writer} has {pixels.dtype} pixels and {label.dtype} "
+                            "labels; expected floats in [0, 1] and integers")
         y = label[()].reshape(-1).astype(np.int64)
         x = pixels[()].astype(np.float32) if read_pixels else None
     except DataError:
@@ -461,18 +465,26 @@ def _writer_arrays(f, writer: str, read_pixels: bool, num_classes: int, path: st
     return x, y
 
 
+def _image_shape(f, writer: str, path: str) -> tuple:
+    pixels = f["examples"][writer].get("pixels")
+    if pixels is None or pixels.ndim != 3:
+        raise DataError("data.dir", os.path.dirname(path), f"{os.path.basename(path)}: writer {writer} has no (N, H, W) "
+                        "pixels dataset (TensorFlow Federated's layout)")
+    return tuple(pixels.shape[1:])
+
+
 class _WriterReader:
     """Reads one writer's training examples on demand, the file opened once per process."""
 
-    def __init__(self, path: str, writers: list, num_classes: int, mean: float | None, std: float | None):
-        self.path, self.writers, self.num_classes = path, writers, num_classes
+    def __init__(self, path: str, writers: list, num_classes: int, image: tuple, mean: float | None, std: float | None):
+        self.path, self.writers, self.num_classes, self.image = path, writers, num_classes, image
         self.mean, self.std = mean, std
         self.file = None
 
     def __call__(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
         if self.file is None:
             self.file = open_h5(self.path)
-        x, y = _writer_arrays(self.file, self.writers[cid], True, self.num_classes, self.path)
+        x, y = _writer_arrays(self.file, self.writers[cid], True, self.num_classes, self.path, self.image)
         x = x[:, None]
         if self.mean is not None:
             x = (x - np.float32(self.mean)) / np.float32(self.std)
@@ -489,17 +501,17 @@ def femnist_federated(name: str) -> Callable[[Config, bool], FederatedData]:
         train_path, test_path = femnist_paths(name, cfg.data.dir)
         with open_h5(train_path) as f:
             writers = natural_clients(sorted(f["examples"]), cfg, "writers", os.path.basename(train_path))
-            labels = [_writer_arrays(f, w, False, num_classes, train_path)[1] for w in writers]
-            shape = f["examples"][writers[0]]["pixels"].shape[1:]
+            shape = _image_shape(f, writers[0], train_path)
+            labels = [_writer_arrays(f, w, False, num_classes, train_path, shape)[1] for w in writers]
             mean = std = None
             if cfg.data.normalize == "standard":
                 total, square, count = 0.0, 0.0, 0
                 for w in writers:
-                    x = _writer_arrays(f, w, True, num_classes, train_path)[0].astype(np.float64)
+                    x = _writer_arrays(f, w, True, num_classes, train_path, shape)[0].astype(np.float64)
                     total, square, count = total + x.sum(), square + np.square(x).sum(), count + x.size
                 mean = total / count
                 std = float(np.sqrt(max(square / count - mean * mean, 0.0))) or 1.0
-        reader = _WriterReader(train_path, writers, num_classes, mean, std)
+        reader = _WriterReader(train_path, writers, num_classes, shape, mean, std)
         data = FederatedData(input_shape=(1, *shape), num_classes=num_classes, num_clients=len(writers),
                              generate=reader, sizes=np.array([len(y) for y in labels]), cache_clients=False,
                              client_names=writers,
@@ -508,14 +520,11 @@ def femnist_federated(name: str) -> Callable[[Config, bool], FederatedData]:
         if need_test:
             with open_h5(test_path) as f:
                 present = [w for w in writers if w in f["examples"]] or sorted(f["examples"])
-                parts = [_writer_arrays(f, w, True, num_classes, test_path) for w in present]
+                parts = [_writer_arrays(f, w, True, num_classes, test_path, shape) for w in present]
             data.x_test = np.concatenate([p[0] for p in parts])[:, None]
             if mean is not None:
                 data.x_test = (data.x_test - np.float32(mean)) / np.float32(std)
             data.y_test = np.concatenate([p[1] for p in parts])
-            if data.x_test.shape[1:] != data.input_shape:
-                raise DataError("data.dir", cfg.data.dir, f"{os.path.basename(test_path)} holds images of shape "
-                                f"{data.x_test.shape[2:]}, the training file {shape}")
         return data
 
     return load_femnist

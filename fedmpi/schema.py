@@ -83,12 +83,12 @@ class SyntheticConfig:
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "digits"  # an entry of fedmpi.data.DATASETS
-    dir: str | None = None  # mnist / fashion_mnist IDX files; default data/<name>
+    dir: str | None = None  # the data set's files (mnist, fashion_mnist, cifar10, femnist, shakespeare...); default data/<name>
     path: str | None = None  # npz file with x_train, y_train, x_test, y_test
     test_fraction: float = 0.2  # digits and synthetic: share of samples held out for test
     # standard: scale to [0, 1], then subtract the training set's mean and divide by
     # its std, per channel; unit: [0, 1] only; none: values as stored.
-    # Default: the data set's own (none for synthetic, standard for the others).
+    # Default: the data set's own (none for synthetic, femnist and shakespeare, standard for the others).
     normalize: Literal["standard", "unit", "none"] | None = None
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

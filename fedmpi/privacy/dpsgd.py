@@ -65,7 +65,7 @@ class LayerPlan:
 def _ghost_supported(layer: nn.Module) -> bool:
     if isinstance(layer, nn.Conv2d):
         return layer.groups == 1 and layer.padding_mode == "zeros"
-    return isinstance(layer, nn.Linear)
+    return isinstance(layer, GHOST_LAYERS)
 
 
 def per_example_plan(module: nn.Module) -> list[LayerPlan]:
@@ -87,8 +87,9 @@ def per_example_plan(module: nn.Module) -> list[LayerPlan]:
 
 
 def describe_plan(plan: list[LayerPlan]) -> str:
-    """One line: which layers take which path, e.g. ``ghost norm for 1 layer (3: Linear);
-    torch.func vmap for 3 layers (0: TokenEmbedding, 1: LSTMLayer, 2: LSTMLayer)``."""
+    """One line: which layers take which path, e.g. ``ghost norm for 1 layer (4: Linear);
+    torch.func vmap for 3 layers (0: TokenEmbedding, 1: LSTMLayer, 2: LSTMLayer)``
+    (a ghost-norm layer called more than once per forward pass takes the vmap path)."""
     parts = []
     for path, what in (("ghost", "ghost norm"), ("vmap", "torch.func vmap")):
         chosen = [p for p in plan if p.path == path]
