@@ -28,7 +28,7 @@ def dnc(rows: np.ndarray, *, f: int, rng: np.random.Generator, iterations: int =
     drawn without replacement from ``rng`` (fedmpi's generator keyed by seed and
     round), all d of them when d <= ``subsample``; ceil(c f) rows are removed when
     c f is not an integer; ties in the score go to the lower row index; sums in
-    float64. Defaults: one iteration, c = 1, b = 10000, the paper's setting.
+    float64. Defaults (ours; set them per run): one iteration, c = 1, b = 10000.
     ``scores``: the last iteration's outlier scores (higher is more suspicious).
     """
     if iterations < 1 or not 0 < filter_fraction or subsample < 1:
