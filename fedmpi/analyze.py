@@ -1,4 +1,4 @@
-"""``python -m fedmpi.analyze FILE_OR_DIR ... [--csv PATH] [--plot DIR] [--follow FILE]``
+"""``python -m fedmpi.analyze FILE_OR_DIR ... [--csv PATH] [--plot DIR] [--tensorboard DIR] [--follow FILE]``
 
 Post-hoc analysis of results files:
 
@@ -13,6 +13,9 @@ Post-hoc analysis of results files:
   differing keys), accuracy against epsilon, a rounds x cohort-slot map of what
   the aggregator kept with Byzantine slots marked, update-norm distributions of
   honest and Byzantine clients;
+- ``--tensorboard DIR``: the per-round metrics as TensorBoard event files, one
+  run (subdirectory) per results file, the config as its hyperparameters
+  (needs the ``tensorboard`` extra: ``pip install "fedmpi[tensorboard]"``);
 - ``--follow FILE``: print each round of a run as it is written, until it ends.
 
 A file that cannot be used gets one line naming it (exit status 2).
@@ -21,9 +24,12 @@ A file that cannot be used gets one line naming it (exit status 2).
 from __future__ import annotations
 
 import argparse
+import calendar
+import json
 import math
 import os
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -258,6 +264,95 @@ def make_plots(runs: list[RunResults], directory: str, fmt: str = "png") -> list
     return written
 
 
+# --------------------------------------------------------------------------- TensorBoard
+
+# /rounds field -> the group of its TensorBoard tag "<group>/<field>" (e.g. "time/wall_s");
+# a field not listed (added later) goes under "rounds/". The round index is the step.
+TENSORBOARD_GROUPS = {
+    "test_accuracy": "eval", "test_loss": "eval", "train_loss": "train", "update_norm": "train", "cohort_size": "train",
+    "byzantine_in_cohort": "byzantine", "byzantine_selected": "byzantine", "epsilon": "privacy",
+    "epsilon_median": "privacy", "delta": "privacy", "noise_multiplier": "privacy", "clip_norm": "privacy",
+    "clipped_fraction": "privacy", "wall_s": "time", "train_s": "time", "comm_s": "time", "aggregate_s": "time",
+    "eval_s": "time",
+}
+
+
+def _run_names(runs: list[RunResults]) -> list[str]:
+    """A run directory name per file: its base name, made unique with its position."""
+    names = [os.path.splitext(os.path.basename(run.path))[0] for run in runs]
+    return [f"{name}-{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+
+
+def _hparam_value(value: Any):
+    """A config value as what TensorBoard's hparams hold: a number, a bool or a string."""
+    if isinstance(value, bool) or isinstance(value, (int, float)) and math.isfinite(value):
+        return value
+    return json.dumps(value) if isinstance(value, (list, dict)) or value is None else str(value)
+
+
+def export_tensorboard(runs: list[RunResults], directory: str) -> list[str]:
+    """Write each run's /rounds as TensorBoard scalars into ``directory/<file name>``:
+    one point per round (step = the round index) per metric, NaN points (a metric that
+    does not apply, a round not evaluated) left out; the flattened config as the run's
+    hyperparameters (HParams dashboard), with the final test accuracy as its metric.
+    Wall times are the file's (its start time plus the rounds' wall_s), so the events
+    are the same on every export. Returns the run directories written.
+
+    Uses tensorboard's own event-file writer and protocol buffers (no TensorFlow)."""
+    try:
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    except ImportError:
+        raise ResultsError("--tensorboard needs the tensorboard package: pip install 'fedmpi[tensorboard]'") from None
+    names, written = _run_names(runs), []
+    for name in names:  # refuse before writing anything
+        logdir = os.path.join(directory, name)
+        if os.path.isdir(logdir) and any(f.startswith("events.out.tfevents") for f in os.listdir(logdir)):
+            raise ResultsError(f"{logdir}: already holds TensorBoard events (of an earlier export?); remove it or "
+                               "give another --tensorboard directory")
+    for run, name in zip(runs, names):
+        logdir = os.path.join(directory, name)
+        start = float(calendar.timegm(time.strptime(run.attrs["start_time"], "%Y-%m-%dT%H:%M:%SZ")))
+        rounds = run.rounds
+        wall = start + rounds["wall_s"].fillna(0).cumsum().to_numpy() if "wall_s" in rounds else np.full(len(rounds), start)
+        writer = EventFileWriter(logdir)
+        hparams = {key: _hparam_value(value) for key, value in sorted(flatten(run.config).items())
+                   if key not in IGNORED_KEYS}
+        fields = {field: f"{TENSORBOARD_GROUPS.get(field, 'rounds')}/{field}" for field in rounds if field != "round"}
+        tags = [tag for field, tag in fields.items() if np.isfinite(rounds[field]).any()]
+        kinds = {bool: api_pb2.DATA_TYPE_BOOL, int: api_pb2.DATA_TYPE_FLOAT64, float: api_pb2.DATA_TYPE_FLOAT64,
+                 str: api_pb2.DATA_TYPE_STRING}
+        experiment = plugin_data_pb2.HParamsPluginData(experiment=api_pb2.Experiment(
+            hparam_infos=[api_pb2.HParamInfo(name=key, type=kinds[type(value)]) for key, value in hparams.items()],
+            metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag)) for tag in tags]))
+        session = plugin_data_pb2.HParamsPluginData(session_start_info=plugin_data_pb2.SessionStartInfo(
+            group_name=name, start_time_secs=start))
+        for key, value in hparams.items():
+            field = "bool_value" if isinstance(value, bool) else "number_value" if isinstance(value, (int, float)) \
+                else "string_value"
+            setattr(session.session_start_info.hparams[key], field, value)
+        for tag, data in ((metadata.EXPERIMENT_TAG, experiment), (metadata.SESSION_START_INFO_TAG, session)):
+            event = Event(wall_time=start, step=0)
+            event.summary.value.add(tag=tag, metadata=metadata.create_summary_metadata(data))
+            writer.add_event(event)
+        for field, tag in fields.items():
+            for step, value, when in zip(rounds["round"], rounds[field], wall):
+                if np.isfinite(value):
+                    event = Event(wall_time=float(when), step=int(step))
+                    event.summary.value.add(tag=tag, simple_value=float(value))
+                    writer.add_event(event)
+        if run.finished:
+            end = plugin_data_pb2.HParamsPluginData(session_end_info=plugin_data_pb2.SessionEndInfo(
+                status=api_pb2.STATUS_SUCCESS, end_time_secs=float(wall[-1]) if len(wall) else start))
+            event = Event(wall_time=float(wall[-1]) if len(wall) else start, step=len(rounds))
+            event.summary.value.add(tag=metadata.SESSION_END_INFO_TAG, metadata=metadata.create_summary_metadata(end))
+            writer.add_event(event)
+        writer.close()
+        written.append(logdir)
+    return written
+
+
 # --------------------------------------------------------------------------- follow
 
 
@@ -285,6 +380,8 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--plot", metavar="DIR", help="write plots into DIR")
     parser.add_argument("--format", choices=("png", "pdf"), default="png", help="plot file format")
     parser.add_argument("--no-group", action="store_true", help="one row per run even when runs differ only in seed")
+    parser.add_argument("--tensorboard", metavar="DIR", help="write the per-round metrics as TensorBoard event files "
+                        "into DIR, one run per file (needs the tensorboard extra)")
     parser.add_argument("--follow", metavar="FILE", help="print rounds of a run as they are written, until it ends")
     parser.add_argument("--timeout", type=float, help="with --follow: stop after this many seconds without a new round")
     args = parser.parse_args(argv)
@@ -302,6 +399,9 @@ def main(argv: list | None = None) -> int:
         if args.plot:
             for path in make_plots(runs, args.plot, args.format):
                 print(f"wrote {path}")
+        if args.tensorboard:
+            for path in export_tensorboard(runs, args.tensorboard):
+                print(f"wrote {path} (tensorboard --logdir {args.tensorboard})")
     except ResultsError as exc:
         print(f"fedmpi: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .schema import ModelConfig
 
@@ -121,13 +122,16 @@ def needs_images(min_side: int) -> Callable[[tuple], str | None]:
 class Architecture:
     """``layers(model_cfg, input_shape, num_classes)``; ``reads``: the ``model.*`` keys it
     uses besides ``name``; ``check(input_shape)``: why the data does not fit, or None;
-    ``tokens``: it reads integer token ids (characters), not real-valued features."""
+    ``tokens``: it reads integer token ids (characters), not real-valued features.
+    ``build(model_cfg, input_shape, num_classes)``: a torch module made by user code
+    instead of layer specs (:mod:`fedmpi.extensions`; ``layers`` is then None)."""
 
-    layers: Callable[[ModelConfig, tuple, int], list[Layer]]
+    layers: Callable[[ModelConfig, tuple, int], list[Layer]] | None
     paper: str
     reads: tuple[str, ...] = ()
     check: Callable[[tuple], str | None] | None = None
     tokens: bool = False
+    build: Callable[[ModelConfig, tuple, int], Any] | None = None
 
 
 ARCHITECTURES: dict[str, Architecture] = {

@@ -190,9 +190,10 @@ ATTACKS: dict[str, Attack] = {
 }
 
 
-def resolved_params(name: str, given: Mapping, cohort_size: int) -> dict:
-    """The attack's parameters with defaults filled in."""
-    entry = ATTACKS[name]
+def resolved_params(name: str, given: Mapping, cohort_size: int, entry: Attack | None = None) -> dict:
+    """The attack's parameters with defaults filled in (``entry``: the attack's registry
+    entry, default ``ATTACKS[name]``)."""
+    entry = entry or ATTACKS[name]
     params = dict(entry.params)
     params.update(given)
     return entry.resolve(params, cohort_size) if entry.resolve else params

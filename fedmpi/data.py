@@ -250,21 +250,30 @@ def load_npz_arrays(path: str) -> tuple:
         raise
     except Exception as exc:  # numpy raises several types for a bad archive
         raise DataError("data.path", path, f"not a readable .npz archive ({type(exc).__name__}: {exc})") from None
+    return check_arrays("data.path", path, arrays)
+
+
+def check_arrays(key: str, value: str, arrays: Mapping[str, np.ndarray]) -> tuple:
+    """``arrays`` (x_train, y_train, x_test, y_test) checked for what a run needs, as
+    (x_train, y_train, x_test, y_test) with (N, H, W) images made (N, 1, H, W) and int64
+    labels; a problem is a DataError naming ``key`` = ``value`` (where the arrays came from)."""
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.ndim not in (2, 3, 4):
-            raise DataError("data.path", path, f"x_{split} has shape {x.shape}; expected (N, D), (N, H, W) or (N, C, H, W)")
+            raise DataError(key, value, f"x_{split} has shape {x.shape}; expected (N, D), (N, H, W) or (N, C, H, W)")
+        if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+            raise DataError(key, value, f"x_{split} has dtype {x.dtype}; inputs must be integers or floats")
         if y.ndim != 1 or len(y) != len(x):
-            raise DataError("data.path", path, f"y_{split} has shape {y.shape}; expected ({len(x)},) to match x_{split}")
+            raise DataError(key, value, f"y_{split} has shape {y.shape}; expected ({len(x)},) to match x_{split}")
         if not np.issubdtype(y.dtype, np.integer):
-            raise DataError("data.path", path, f"y_{split} has dtype {y.dtype}; labels must be integers")
+            raise DataError(key, value, f"y_{split} has dtype {y.dtype}; labels must be integers")
         if len(y) and y.min() < 0:
-            raise DataError("data.path", path, f"y_{split} holds negative labels; labels must be 0..C-1")
+            raise DataError(key, value, f"y_{split} holds negative labels; labels must be 0..C-1")
     if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
-        raise DataError("data.path", path, f"x_train samples {arrays['x_train'].shape[1:]} and x_test samples "
+        raise DataError(key, value, f"x_train samples {arrays['x_train'].shape[1:]} and x_test samples "
                         f"{arrays['x_test'].shape[1:]} differ in shape")
     if len(arrays["y_train"]) == 0 or len(arrays["y_test"]) == 0:
-        raise DataError("data.path", path, "x_train and x_test must each hold at least one sample")
+        raise DataError(key, value, "x_train and x_test must each hold at least one sample")
     return (_images(arrays["x_train"]), arrays["y_train"].astype(np.int64),
             _images(arrays["x_test"]), arrays["y_test"].astype(np.int64))
 
@@ -833,25 +842,34 @@ DATASETS: dict[str, Dataset] = {
 # --------------------------------------------------------------------------- entry point
 
 
-def check_files(cfg: Config) -> None:
-    """Cheap existence checks, run on every rank before MPI traffic."""
-    entry = DATASETS[cfg.data.name]
+def check_files(cfg: Config, entry: Dataset | None = None) -> None:
+    """Cheap existence checks, run on every rank before MPI traffic. ``entry``: the
+    data set's registry entry (default: ``DATASETS[data.name]``)."""
+    entry = entry or DATASETS[cfg.data.name]
     if entry.check_files is not None:
         entry.check_files(cfg.data)
 
 
-def load(cfg: Config, need_train: bool = True, need_test: bool = True) -> FederatedData:
-    """Load (or generate) the configured data and split it over ``clients.total`` clients."""
-    d = cfg.data
-    entry = DATASETS[d.name]
+def load(cfg: Config, need_train: bool = True, need_test: bool = True, entry: Dataset | None = None) -> FederatedData:
+    """Load (or generate) the configured data and split it over ``clients.total`` clients.
+    ``entry``: the data set's registry entry (default: ``DATASETS[data.name]``)."""
+    entry = entry or DATASETS[cfg.data.name]
     if entry.federated is not None:
         return entry.federated(cfg, need_test)
-    x_train, y_train, x_test, y_test = entry.arrays(cfg)
+    return from_arrays(cfg, entry.arrays(cfg), entry.value_range, need_train, need_test)
+
+
+def from_arrays(cfg: Config, arrays: tuple, value_range: float | None = None, need_train: bool = True,
+                need_test: bool = True, client_indices: list | None = None) -> FederatedData:
+    """In-memory arrays (x_train, y_train, x_test, y_test), normalised by ``data.normalize``
+    and split over clients by ``data.partition`` (or by ``client_indices``: the training
+    rows of each client, for data that come split)."""
+    x_train, y_train, x_test, y_test = arrays
     # integer data are scaled like 8-bit pixels; float data are taken as in [0, 1]
-    value_range = entry.value_range or (255.0 if np.issubdtype(x_train.dtype, np.integer) else 1.0)
-    x_train, x_test, mean, std = normalize(x_train, x_test, d.normalize, value_range)
+    value_range = value_range or (255.0 if np.issubdtype(x_train.dtype, np.integer) else 1.0)
+    x_train, x_test, mean, std = normalize(x_train, x_test, cfg.data.normalize, value_range)
     num_classes = int(max(y_train.max(), y_test.max())) + 1
-    indices = partition(y_train, cfg)
+    indices = partition(y_train, cfg) if client_indices is None else client_indices
     data = FederatedData(input_shape=tuple(x_train.shape[1:]), num_classes=num_classes,
                          num_clients=cfg.clients.total, client_indices=indices,
                          norm_mean=None if mean is None else np.atleast_1d(mean),

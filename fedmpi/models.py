@@ -7,7 +7,8 @@ turns them into torch modules. The layers torch lacks are here: TensorFlow's
 SAME max pooling, an embedding that takes byte-sized character codes, and a
 batch-first LSTM layer whose forward is PyTorch's fused kernel and whose
 ``per_example_forward`` is the same LSTM written with operations that
-``torch.func.vmap`` batches (DP-SGD's generic per-example path calls it).
+``torch.func.vmap`` batches (DP-SGD's generic per-example path calls it). A user model
+(:mod:`fedmpi.extensions`) is built by its factory.
 
 Between ranks a model is one contiguous float32 vector. :class:`FlatModel` makes
 the module's parameters and gradients *views* into two flat buffers, so loading
@@ -24,14 +25,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import seeding
+from . import extensions, seeding
 from .architectures import layers
 from .schema import ModelConfig
 
 
-def build_model(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> nn.Module:
+def build_model(cfg: ModelConfig, input_shape: tuple, num_classes: int, seed: int = 0) -> nn.Module:
     """The configured model for inputs of ``input_shape`` (without the batch dim), built
-    from its layer specs in :mod:`fedmpi.architectures`."""
+    from its layer specs in :mod:`fedmpi.architectures`, or by user code
+    (:mod:`fedmpi.extensions`), which runs under torch's generator keyed (seed, "init")."""
+    build = extensions.architecture(cfg.name).build
+    if build is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seeding.torch_seed(seed, "init"))
+            return build(cfg, tuple(input_shape), num_classes)
     return nn.Sequential(*(_MODULES[layer.kind](*layer.args) for layer in layers(cfg, input_shape, num_classes)))
 
 

@@ -35,7 +35,7 @@ from .aggregation import weighted_sum
 
 # Exit status of every rank (and of python -m fedmpi.run / fedmpi.sweep / fedmpi.analyze).
 EXIT_OK = 0
-EXIT_FAILED = 1  # a rank raised; the job was aborted with its traceback
+EXIT_FAILED = 1  # a rank raised (the job was aborted with its traceback), or user code broke its contract (one line)
 EXIT_BAD_INPUT = 2  # config, data, results file or budget refused before any work
 EXIT_FINISHED = 3  # python -m fedmpi.sweep --args: the entry has finished, nothing to run
 EXIT_CHECKPOINTED = 75  # SIGTERM / SIGUSR1: checkpoint written, continue with --resume (job scripts requeue)

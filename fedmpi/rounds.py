@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import seeding
-from .aggregation import PRE_STEPS, RULES
+from . import extensions, seeding
 from .protocol import RECORD
 from .schema import Config
 
@@ -77,7 +76,9 @@ class RuleAggregator:
     def __init__(self, cfg: Config, size: int):
         self.cfg = cfg
         self.size = size
-        self.rule = RULES[cfg.aggregator.name]
+        g = cfg.aggregator
+        self.rule = extensions.rule(g.name, g.params)
+        self.steps = [extensions.pre_step(step.name, step.params, f"aggregator.pre[{i}].name") for i, step in enumerate(g.pre)]
         self.state: dict[str, np.ndarray] = self.rule.init_state(size) if self.rule.init_state else {}
 
     def __call__(self, updates: Updates, round_index: int) -> Aggregate:
@@ -88,8 +89,7 @@ class RuleAggregator:
         rows, weights = updates.rows, updates.samples.astype(np.float64)
         members = np.eye(k, dtype=bool)  # members[r, slot]: slot's update went into row r
         row_of_slot = np.arange(k)  # the row that stands for each slot, for scores
-        for step_index, step in enumerate(g.pre):
-            entry = PRE_STEPS[step.name]
+        for step_index, (step, entry) in enumerate(zip(g.pre, self.steps)):
             values = {"f": g.f, "rng": seeding.rng(self.cfg.seed, "bucketing", round_index, step_index),
                       "bucket_size": step.bucket_size, "max_norm": step.max_norm}
             out = entry.function(rows, **{name: values[name] for name in entry.reads})
@@ -99,8 +99,10 @@ class RuleAggregator:
                 if out.row_of is not None:
                     row_of_slot = out.row_of[row_of_slot]
             rows = out.rows
-        values = {"weights": weights, "f": g.f, "m": g.m, "tau": g.tau, "iterations": g.iterations,
-                  "smoothing": g.smoothing, "tol": g.tol, "max_iter": g.max_iter, **self.state}
+        values = {**self.state, "weights": weights, "f": g.f, "m": g.m, "tau": g.tau, "iterations": g.iterations,
+                  "smoothing": g.smoothing, "tol": g.tol, "max_iter": g.max_iter, "state": self.state}
+        if "rng" in self.rule.reads:  # user rules only
+            values["rng"] = seeding.rng(self.cfg.seed, "rule", round_index)
         result = self.rule.function(rows, **{name: values[name] for name in self.rule.reads})
         if self.rule.next_state is not None:
             self.state.update(self.rule.next_state(result))

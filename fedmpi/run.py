@@ -16,30 +16,41 @@ Start-up, in this order:
    rounds. With P = 1, rank 0 trains the clients itself.
 
 An exception on any rank prints that rank's traceback and aborts the whole job
-(``MPI_Abort``), so no rank is left waiting in a collective. SIGTERM or SIGUSR1
+(``MPI_Abort``), so no rank is left waiting in a collective. User code that
+breaks its contract during the run (:class:`fedmpi.extensions.ExtensionFailed`)
+stops every rank with one line instead (exit status 1). SIGTERM or SIGUSR1
 stops the run after the current round and a checkpoint (exit status 75);
 ``--resume FILE`` continues it. The exit statuses are :mod:`fedmpi.protocol`'s.
+
+:func:`simulate` is the same run in the calling process, for notebooks and
+scripts (``fedmpi.simulate``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import yaml
 
 from . import config as config_mod
-from .comm import connect, launcher_rank, prepare_environment
+from . import extensions
+from .comm import SingleProcess, connect, launcher_rank, prepare_environment
 from .data import DataError
+from .extensions import ExtensionFailed
 from .preflight import preflight
 from .protocol import EXIT_BAD_INPUT, EXIT_CHECKPOINTED, EXIT_FAILED, EXIT_OK
-from .results import ResultsError, default_path, run_info
-from .schema import Config, ConfigError, flatten, replace
+from .results import ResultsError, RunResults, default_path, load, run_info
+from .schema import Config, ConfigError, flatten, plain, replace
 
 
 def parse_args(argv: list | None = None) -> argparse.Namespace:
@@ -85,6 +96,14 @@ def resolve_resume(args: argparse.Namespace) -> tuple[Config, dict]:
         key = changed[0]
         raise ConfigError(key, ours.get(key), f"differs from the run being resumed ({theirs.get(key)!r} in {path}); "
                           "only rounds may change on --resume")
+    used = {r["key"]: r for r in json.loads(info["attrs"].get("extensions", "[]"))}
+    for record in extensions.records(cfg):
+        before = used.get(record["key"], {})
+        for what in ("version", "sha256"):
+            if before.get(what) != record[what]:
+                raise ConfigError(record["key"], record["path"], f"the user code changed since the run started ({what} "
+                                  f"{before.get(what)} in {path}, {record[what]} now); a resumed run would not continue "
+                                  "the same experiment")
     return replace(cfg, "output", replace(reference.output, "path", path)), info
 
 
@@ -123,6 +142,17 @@ def calibrate(cfg: Config, data, quiet: bool) -> float:
     return sigma
 
 
+def prepare(cfg: Config, rank: int, resume: dict | None, quiet: bool) -> tuple:
+    """This rank's (data, calibrated noise multiplier or None): preflight, then on rank 0
+    the calibration to ``privacy.target_epsilon`` (taken from the file on resume)."""
+    data = preflight(cfg, rank, new_file=resume is None)
+    import torch  # noqa: F401 - every rank needs it; importing before MPI starts overlaps the ranks' imports
+    calibrated = None
+    if rank == 0 and cfg.privacy.target_epsilon is not None:
+        calibrated = resume["attrs"]["dp_noise_multiplier"] if resume is not None else calibrate(cfg, data, quiet)
+    return data, calibrated
+
+
 def main(argv: list | None = None) -> int:
     args = parse_args(argv)
     prepare_environment()
@@ -137,11 +167,7 @@ def main(argv: list | None = None) -> int:
             if rank == 0:
                 sys.stdout.write(cfg.to_yaml())
             return EXIT_OK
-        data = preflight(cfg, rank, new_file=resume is None)
-        import torch  # noqa: F401 - every rank needs it; importing before MPI starts overlaps the ranks' imports
-        if rank == 0 and cfg.privacy.target_epsilon is not None:
-            calibrated = (resume["attrs"]["dp_noise_multiplier"] if resume is not None
-                          else calibrate(cfg, data, args.quiet))
+        data, calibrated = prepare(cfg, rank, resume, args.quiet)
     except ConfigError as exc:
         kind = "data error" if isinstance(exc, DataError) else "config error"
         error = f"{kind}: {exc}"
@@ -171,10 +197,13 @@ def main(argv: list | None = None) -> int:
         comm.close()
         return EXIT_OK
 
-    stopped = False
     try:
-        stopped = run_experiment(run_cfg, comm, data, config_yaml=cfg.to_yaml(), quiet=args.quiet,
-                                 resume_path=args.resume, rank_hosts=[host for _, _, host in statuses])
+        status = run_experiment(run_cfg, comm, data, config_yaml=cfg.to_yaml(), quiet=args.quiet,
+                                resume_path=args.resume, rank_hosts=[host for _, _, host in statuses])
+    except ExtensionFailed as exc:  # rank 0 has told the workers to stop
+        print(f"fedmpi: {exc}", file=sys.stderr, flush=True)
+        comm.close()
+        return EXIT_FAILED
     except BaseException as exc:  # noqa: BLE001 - any failure must take the whole job down
         if isinstance(exc, SystemExit) and not exc.code:
             raise
@@ -184,7 +213,7 @@ def main(argv: list | None = None) -> int:
             comm.abort(EXIT_FAILED)
         return EXIT_FAILED
     comm.close()
-    return EXIT_CHECKPOINTED if stopped else EXIT_OK
+    return status
 
 
 def _stored_rounds(resume: dict) -> int:
@@ -197,6 +226,9 @@ def _run_attrs(cfg: Config, data, rank_hosts: list) -> dict:
     a = cfg.attack
     attrs = {"rank_hosts": rank_hosts, "model_input_shape": list(data.input_shape), "model_num_classes": data.num_classes,
              "byzantine_clients": byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients)}
+    used = extensions.records(cfg)
+    if used:
+        attrs["extensions"] = json.dumps(used)
     if data.norm_mean is not None:
         attrs["data_norm_mean"], attrs["data_norm_std"] = data.norm_mean, data.norm_std
     if data.client_names is not None:
@@ -214,11 +246,13 @@ def _run_attrs(cfg: Config, data, rank_hosts: list) -> dict:
 
 
 def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = False, resume_path: str | None = None,
-                   rank_hosts: list | None = None) -> bool:
+                   rank_hosts: list | None = None) -> int:
     """This rank's part of one run of ``cfg`` (the noise multiplier already calibrated)
     over ``comm``; ``config_yaml``: the config as the user gave it, stored in the file;
-    ``rank_hosts``: each rank's host name. Returns True when a signal stopped the run
-    after a checkpoint."""
+    ``rank_hosts``: each rank's host name. Returns this rank's exit status: EXIT_OK,
+    EXIT_CHECKPOINTED when a signal stopped the run after a checkpoint, or the status
+    rank 0 stopped the workers with. On rank 0, user code that broke its contract
+    raises :class:`ExtensionFailed` (the workers were told to stop)."""
     import torch
 
     from .models import FlatModel, build_model, init_weights, layout
@@ -231,7 +265,7 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
     if comm.rank == 0 and p.mode == "sample" and p.batch_sampling == "shuffle" and not quiet:
         print("fedmpi: warning: privacy.batch_sampling = shuffle uses fixed-size batches, but the privacy "
               "accounting assumes Poisson sampling; the reported epsilon is then an approximation", flush=True)
-    module = build_model(cfg.model, data.input_shape, data.num_classes)
+    module = build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed)
     if comm.rank == 0 and p.mode == "sample" and not quiet:
         from .privacy.dpsgd import describe_plan, per_example_plan
 
@@ -244,7 +278,7 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
     if comm.rank != 0:
         # rank 0 decides when to stop (after a checkpoint) and tells the workers
         _on_stop_signals(lambda name: None)
-        return serve(RoundMessages(comm, model.size, reduce), ClientHost(cfg, data, model)) == EXIT_CHECKPOINTED
+        return serve(RoundMessages(comm, model.size, reduce), ClientHost(cfg, data, model))
 
     from .results import ResultsWriter, read_checkpoint
     from .server import ServerLoop
@@ -280,7 +314,7 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
         writer.path = resume_path
     loop.writer = writer
     try:
-        return not loop.run(start_round)
+        return EXIT_OK if loop.run(start_round) else EXIT_CHECKPOINTED
     finally:
         writer.close()
 
@@ -298,9 +332,73 @@ def _single_threaded_blas() -> None:
 
 
 def _on_stop_signals(callback) -> None:
-    """SIGTERM and SIGUSR1 (SLURM's warning before a time limit) call ``callback(name)``."""
+    """SIGTERM and SIGUSR1 (SLURM's warning before a time limit) call ``callback(name)``
+    (only the main thread may set handlers: from another thread, nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: callback(signal.Signals(signum).name))
+
+
+def simulate(config: str | os.PathLike | Mapping | Config | None = None, *, overrides: Sequence[str] = (),
+             out: str | os.PathLike | None = None, overwrite: bool = False, quiet: bool = True) -> RunResults:
+    """Run one experiment in this process and return its results, as
+    :func:`fedmpi.results.load` reads them from the file it wrote.
+
+    ``config``: a YAML or JSON file, a mapping (what such a file holds), a
+    :class:`fedmpi.schema.Config`, or None (the embedded default experiment);
+    ``overrides``: ``"KEY=VALUE"`` strings, as ``--set``; ``out``: the results file
+    (default ``output.path``, else ``results/run-<UTC time>.h5``); ``overwrite``:
+    replace it if it exists. The config is validated, checked (preflight) and the
+    noise calibrated exactly as ``python -m fedmpi.run`` does, and the run is the
+    one ``mpirun`` gives: the same ``/model/final`` bytes on any number of ranks.
+    A bad config raises :class:`fedmpi.schema.ConfigError` (one line) before any
+    file exists; user code that breaks its contract mid-run raises
+    :class:`fedmpi.extensions.ExtensionFailed`, the rounds before it kept. torch's
+    and BLAS's thread counts and the SIGTERM / SIGUSR1 handlers (a signal stops
+    the run after a checkpoint) are restored when it returns.
+
+    >>> import fedmpi
+    >>> run = fedmpi.simulate({"rounds": 3}, out="digits.h5")  # doctest: +SKIP
+    >>> run.rounds["test_accuracy"].iloc[-1]  # doctest: +SKIP
+    """
+    if isinstance(config, (str, os.PathLike)):
+        data = config_mod.read_file(os.fspath(config))
+    else:
+        data = plain(config or {})  # a fresh copy as plain dicts and lists (overrides change it)
+    for assignment in overrides:
+        config_mod.apply_override(data, assignment)
+    cfg = config_mod.from_mapping(data)
+    if out is not None:
+        cfg = replace(cfg, "output.path", os.fspath(out))
+    if overwrite:
+        cfg = replace(cfg, "output.overwrite", True)
+    if cfg.output.path is None:
+        cfg = replace(cfg, "output.path", default_path())
+    data, calibrated = prepare(cfg, 0, None, quiet)
+    run_cfg = cfg if calibrated is None else replace(cfg, "privacy.noise_multiplier", float(calibrated))
+    with _process_settings_restored():
+        run_experiment(run_cfg, SingleProcess(), data, config_yaml=cfg.to_yaml(), quiet=quiet)
+    return load(cfg.output.path)
+
+
+@contextmanager
+def _process_settings_restored() -> Iterator[None]:
+    """What run_experiment changes for the whole process, put back afterwards: torch's
+    thread count, the BLAS thread limits and the stop-signal handlers."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        with threadpool_limits(limits=None):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

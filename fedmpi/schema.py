@@ -10,7 +10,10 @@ no file at all.
 Names that select an entry of a registry (``data.name``, ``model.name``,
 ``aggregator.name``, ``attack.name``, ``server.optimizer``, the
 pre-aggregation steps) are plain strings here; :mod:`fedmpi.config` checks
-them against the registries, which are the one place that lists them.
+them against the registries, which are the one place that lists them, or, for
+user code named by import path (``"module:attribute"``), against
+:mod:`fedmpi.extensions`. The ``params`` of those sections (any YAML values)
+are that user code's parameters.
 
 Every problem is reported as one :class:`ConfigError` line that names the dotted
 key, the offending value and what is allowed, e.g.::
@@ -89,6 +92,7 @@ class DataConfig:
     normalize: Literal["standard", "unit", "none"] | None = None
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    params: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))  # an extension data set's parameters
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,7 @@ class ClientsConfig:
 class ModelConfig:
     name: str = "mlp"  # an entry of fedmpi.architectures.ARCHITECTURES
     hidden: tuple[int, ...] = (200, 200)  # mlp only
+    params: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))  # an extension model's parameters
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,7 @@ class ServerConfig:
     beta1: float = 0.9  # fedadam
     beta2: float = 0.99  # fedadam
     tau: float = 1e-3  # fedadam adaptivity (Reddi et al. 2021)
+    params: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))  # an extension optimizer's parameters
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,7 @@ class PreAggregationConfig:
     name: str = "clip"  # an entry of fedmpi.aggregation.PRE_STEPS
     bucket_size: int = 2  # bucketing: rows per bucket
     max_norm: float | None = None  # clip: required
+    params: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))  # an extension step's parameters
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,7 @@ class AggregatorConfig:
     tol: float = 1e-10  # geometric_median: stop when a step moves less than this (relative)
     max_iter: int = 1000  # geometric_median
     pre: tuple[PreAggregationConfig, ...] = ()
+    params: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))  # an extension rule's parameters
 
 
 @dataclass(frozen=True)
@@ -241,7 +249,7 @@ def replace(cfg: Any, key: str, value: Any) -> Any:
 
 
 def flatten(config: Mapping, prefix: str = "") -> dict:
-    """Nested config mapping -> {"a.b.c": value}; lists and ``attack.params`` stay values."""
+    """Nested config mapping -> {"a.b.c": value}; lists and every ``params`` mapping stay values."""
     flat = {}
     for key, value in config.items():
         name = f"{prefix}{key}"

@@ -31,14 +31,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import attacks, seeding
+from . import attacks, extensions, seeding
 from .aggregation import row_norms
 from .data import FederatedData
+from .extensions import ExtensionFailed
 from .models import FlatModel
 from .optimizers import ServerOptimizer
 from .privacy.accounting import RunAccountant
 from .privacy.client_level import CentralDP
-from .protocol import EXIT_CHECKPOINTED, EXIT_OK
+from .protocol import EXIT_CHECKPOINTED, EXIT_FAILED, EXIT_OK
 from .results import ClientRecords, ResultsWriter, RoundRecord, progress_line
 from .rounds import Aggregate, PresummedMean, RuleAggregator, Updates
 from .schema import Config
@@ -104,12 +105,12 @@ class ServerLoop:
                  writer: ResultsWriter | None, quiet: bool = False):
         self.cfg, self.clients, self.data, self.model = cfg, clients, data, model
         self.weights, self.writer, self.quiet = weights, writer, quiet
-        self.optimizer = ServerOptimizer(cfg.server, model.size)
+        self.optimizer = ServerOptimizer(cfg.server, model.size, extensions.optimizer(cfg.server.optimizer, cfg.server.params))
         self.aggregator = build_aggregator(cfg, model.size)
         a = cfg.attack
-        self.attack = attacks.ATTACKS[a.name]
+        self.attack = extensions.attack(a.name)
         self.byzantine_ids = attacks.byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients)
-        self.attack_params = attacks.resolved_params(a.name, a.params, cfg.clients.per_round)
+        self.attack_params = attacks.resolved_params(a.name, a.params, cfg.clients.per_round, self.attack)
         self.accountant = RunAccountant(cfg) if cfg.privacy.mode != "none" else None
         self.last_accuracy = np.nan
         self.stop_signal: str | None = None  # set by a signal handler: checkpoint and stop after this round
@@ -140,11 +141,18 @@ class ServerLoop:
 
     def run(self, start_round: int = 0) -> bool:
         """Run rounds ``start_round``.. to the end; False when a signal stopped it early
-        (after writing a checkpoint)."""
+        (after writing a checkpoint). User code that breaks its contract stops the run:
+        the workers are told to stop, :class:`ExtensionFailed` names the round."""
         run_start = time.perf_counter()
         every = self.cfg.output.checkpoint_every
         for r in range(start_round, self.cfg.rounds):
-            self.run_round(r)
+            try:
+                self.run_round(r)
+            except ExtensionFailed as exc:
+                self.clients.stop(EXIT_FAILED)
+                kept = f"rounds 0-{r - 1} are" if r > 1 else "round 0 is" if r == 1 else "no round is"
+                raise ExtensionFailed(exc.key, exc.path, f"{exc.problem} in round {r} (0-based); the run stopped, "
+                                      f"{kept} in {self.writer.path}") from None
             if self.stop_signal is not None or (every and (r + 1) % every == 0 and r + 1 < self.cfg.rounds):
                 self.writer.checkpoint(r, self.weights, self.state())
             if self.stop_signal is not None and r + 1 < self.cfg.rounds:

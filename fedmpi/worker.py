@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from . import attacks
+from . import attacks, extensions
 from .aggregation import row_norms
 from .data import FederatedData
 from .models import FlatModel
@@ -36,9 +36,9 @@ class ClientHost:
         self.data = data
         self.trainer = LocalTrainer(model, cfg)
         a = cfg.attack
-        self.attack = attacks.ATTACKS[a.name]
+        self.attack = extensions.attack(a.name)
         self.byzantine = set(attacks.byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients).tolist())
-        self.attack_params = attacks.resolved_params(a.name, a.params, cfg.clients.per_round)
+        self.attack_params = attacks.resolved_params(a.name, a.params, cfg.clients.per_round, self.attack)
 
     def train_slots(self, round_index: int, client_ids: np.ndarray, weights: np.ndarray,
                     rows: np.ndarray, records: np.ndarray) -> None:

@@ -187,3 +187,38 @@ def test_garbage_input_gets_one_line_naming_the_file(tmp_path, sweep):
         assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert str(path) in lines[0]
         assert expected in lines[0], lines[0]
+
+
+def test_tensorboard_export_has_one_scalar_per_round_per_metric(tmp_path, capsys):
+    """Read back with tensorboard's own event reader: every metric of a private,
+    attacked run, one point per round at step = round, the values of /rounds; the
+    config as hyperparameters; a second export into the same directory is refused."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    import fedmpi
+    from fedmpi import analyze
+    from fedmpi.results import ROUND_FIELDS
+
+    run = fedmpi.simulate({"rounds": 3, "model": {"name": "logreg"}, "aggregator": {"name": "krum"},
+                           "attack": {"name": "sign_flip", "fraction": 0.25},
+                           "privacy": {"mode": "sample", "noise_multiplier": 1.0}}, out=tmp_path / "dp krum.h5")
+    assert analyze.main([str(tmp_path / "dp krum.h5"), "--tensorboard", str(tmp_path / "tb")]) == 0
+    events = EventAccumulator(str(tmp_path / "tb" / "dp krum"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"eval/test_accuracy", "eval/test_loss", "train/train_loss", "privacy/epsilon", "byzantine/byzantine_in_cohort",
+            "byzantine/byzantine_selected", "time/wall_s", "time/train_s", "time/comm_s"} <= tags
+    assert len(tags) == len(ROUND_FIELDS) - 1  # every /rounds field but the round itself (none is NaN here)
+    for tag in tags:
+        points = events.Scalars(tag)
+        assert [p.step for p in points] == [0, 1, 2], tag
+        field = tag.split("/")[1]
+        assert [p.value for p in points] == run.rounds[field].astype(np.float32).tolist(), tag
+    content = events.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG]
+    start = metadata.parse_session_start_info_plugin_data(content)
+    assert start.hparams["aggregator.name"].string_value == "krum" and start.hparams["rounds"].number_value == 3
+    capsys.readouterr()
+    assert analyze.main([str(tmp_path / "dp krum.h5"), "--tensorboard", str(tmp_path / "tb")]) == 2
+    assert "already holds TensorBoard events" in capsys.readouterr().err
