@@ -112,7 +112,7 @@ class SingleProcess:
     def split(self, color: int) -> SingleProcess:
         return self
 
-    def for_run(self) -> SingleProcess:
+    def for_run(self, local_rank: int) -> SingleProcess:
         return self
 
     def notify_failure(self) -> None:
@@ -209,9 +209,10 @@ class MPIComm:
         (collective over this communicator)."""
         return MPIComm(self.comm.Split(color, self.rank))
 
-    def for_run(self) -> RunComm:
-        """A private communicator for one run of these ranks (collective over them)."""
-        return RunComm(self.comm.Dup(), self.local_rank())
+    def for_run(self, local_rank: int) -> RunComm:
+        """A private communicator for one run of these ranks (collective over them);
+        ``local_rank``: this rank's index on its node in the whole job (picks its GPU)."""
+        return RunComm(self.comm.Dup(), local_rank)
 
 
 class PeerFailed(RuntimeError):

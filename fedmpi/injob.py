@@ -63,9 +63,10 @@ def check_ranks(ranks_per_run: int, world_size: int) -> str | None:
     if ranks_per_run < 1:
         return f"--ranks-per-run {ranks_per_run}: must be at least 1"
     if world_size % ranks_per_run:
+        lower = world_size - world_size % ranks_per_run
+        fits = f"{lower} or {lower + ranks_per_run}" if lower else f"{ranks_per_run}"
         return (f"--ranks-per-run {ranks_per_run}: must divide the number of ranks ({world_size}); "
-                f"start {world_size - world_size % ranks_per_run or ranks_per_run} or "
-                f"{world_size + ranks_per_run - world_size % ranks_per_run} ranks, or choose another G")
+                f"start {fits} ranks, or choose another G")
     return None
 
 
@@ -77,26 +78,51 @@ def run_in_job(queue, ranks_per_run: int) -> int:
         if launcher_rank() == 0:
             print(f"fedmpi: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    stop = StopSignals()
     prepare_environment()
     import torch  # noqa: F401 - once per rank, before MPI starts (overlapping the ranks' imports)
 
-    stop = StopSignals()
     try:
         world = connect()
     except RuntimeError as exc:
         print(f"fedmpi: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    try:
+        return _run_groups(queue, ranks_per_run, world, stop)
+    except BaseException as exc:  # noqa: BLE001 - the sweep itself failed (not a run): take the whole job down
+        if isinstance(exc, SystemExit) and not exc.code:
+            raise
+        print(f"fedmpi: in-job sweep, rank {world.rank} failed:", file=sys.stderr)
+        traceback.print_exc()
+        if world.size > 1:
+            world.abort(EXIT_FAILED)
+        return EXIT_FAILED
+
+
+def _run_groups(queue, ranks_per_run: int, world, stop: StopSignals) -> int:
     start = time.perf_counter()
-    opened = queue.open_session() if world.rank == 0 else None
+    opened = None
+    if world.rank == 0:
+        try:
+            opened = queue.open_session()
+        except OSError as exc:
+            opened = f"the sweep directory cannot be written: {exc}"
     world.barrier_idle()
-    session, start_states = world.allgather(opened)[0]
-    queue.join(session, start_states)
+    opened = world.allgather(opened)[0]
+    if isinstance(opened, str):
+        if world.rank == 0:
+            print(f"fedmpi: {opened}", file=sys.stderr, flush=True)
+        world.close()
+        return EXIT_BAD_INPUT
+    queue.join(*opened)
+    node_rank = world.local_rank()  # over the whole job, so that groups on one node spread over its GPUs
     group_index = world.rank // ranks_per_run
     group = world.split(group_index)
     if world.rank == 0:
         print(f"in-job sweep: {len(queue.entries)} runs, {world.size // ranks_per_run} groups of {ranks_per_run} "
-              f"rank{'s' if ranks_per_run > 1 else ''}; {session}", flush=True)
-    failed = GroupRunner(queue, group, group_index, stop).run()
+              f"rank{'s' if ranks_per_run > 1 else ''}; {queue.session}", flush=True)
+    runner = GroupRunner(queue, group, group_index, node_rank, stop)  # holds abandoned communicators to the end
+    runner.run()
     world.barrier_idle()  # groups done early sleep here
     signalled = any(world.allgather(stop.name is not None))
     code = None
@@ -109,7 +135,6 @@ def run_in_job(queue, ranks_per_run: int) -> int:
         print(f"in-job sweep: {summary} after {time.perf_counter() - start:.1f} s; manifest: {manifest}", flush=True)
         code = EXIT_OK if counts.get("done", 0) == len(states) else EXIT_CHECKPOINTED if signalled else EXIT_FAILED
     code = world.allgather(code)[0]
-    del failed
     world.close()
     return code
 
@@ -118,32 +143,39 @@ class GroupRunner:
     """One group: runs taken from the queue by the group's rank 0 and run by every rank
     of it, one after another."""
 
-    def __init__(self, queue, group, group_index: int, stop: StopSignals):
+    def __init__(self, queue, group, group_index: int, node_rank: int, stop: StopSignals):
         self.queue, self.group, self.group_index, self.stop = queue, group, group_index, stop
+        self.node_rank = node_rank
         self.leader = group.rank == 0
         self.abandoned: list = []  # communicators of failed runs, kept with their unfinished requests
 
-    def run(self) -> list:
-        """Until the queue is empty or a signal came; returns the abandoned communicators."""
+    def run(self) -> None:
+        """Until the queue is empty or a signal came."""
         while True:
             order = self._next()
             if order is None:
-                return self.abandoned
+                return
             index, argv = order
             started = time.perf_counter()
             if self.leader:
-                self.queue.record(index, {"state": "running", "group": self.group_index})
+                self._record(index, {"state": "running", "group": self.group_index})
             outcome = self._run_one(index, argv)
             if self.leader:
                 wall_s = round(time.perf_counter() - started, 3)
                 record = {"state": outcome.state, "group": self.group_index, "hosts": outcome.hosts, "wall_s": wall_s}
                 if outcome.error:
                     record["error"] = outcome.error
-                self.queue.record(index, record)
+                self._record(index, record)
                 shown = {"done": f"done in {wall_s:.1f} s", "partial": "checkpointed after a signal",
                          "failed": f"FAILED: {outcome.error}"}[outcome.state]
                 how = "resumed, " if argv[:1] == ["--resume"] else ""
                 print(f"[{index}] group {self.group_index}: {how}{shown}", flush=True)
+
+    def _record(self, index: int, record: dict) -> None:
+        try:
+            self.queue.record(index, record)
+        except OSError as exc:  # the record and the manifest are a report: the runs' files hold the results
+            print(f"fedmpi: cannot record run {index} ({record['state']}): {exc}", file=sys.stderr, flush=True)
 
     def _next(self) -> tuple[int, list] | None:
         """The group's rank 0 takes the next run and tells the others (who wait asleep)."""
@@ -177,7 +209,7 @@ class GroupRunner:
         problem, run_cfg, hosts = exchange_status(self.group, prepared)
         if problem:
             return Outcome("failed", problem, hosts)
-        comm = self.group.for_run()
+        comm = self.group.for_run(self.node_rank)
         error, aborted, stopped = None, False, False
         try:
             stopped = run_experiment(run_cfg, comm, prepared.data, config_yaml=prepared.cfg.to_yaml(), quiet=True,

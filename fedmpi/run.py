@@ -15,6 +15,10 @@ Start-up, in this order:
 3. rank 0 creates the results file and runs the server loop; ranks >= 1 serve
    rounds. With P = 1, rank 0 trains the clients itself.
 
+Steps 1 and 2 are :func:`prepare` and :func:`exchange_status`, step 3
+:func:`run_experiment`; ``fedmpi.sweep --in-job`` runs the same three on each
+group of ranks, one run after another.
+
 An exception on any rank prints that rank's traceback and aborts the whole job
 (``MPI_Abort``), so no rank is left waiting in a collective. SIGTERM or SIGUSR1
 stops the run after the current round and a checkpoint (exit status 75);

@@ -1,4 +1,4 @@
-"""``python -m fedmpi.sweep GRID.yaml [--count | --args INDEX | --run]``
+"""``python -m fedmpi.sweep GRID.yaml [--count | --args INDEX | --run | --in-job [--ranks-per-run G]]``
 
 A sweep is a YAML file::
 
@@ -21,7 +21,11 @@ on one line (the SLURM array script uses it with ``SLURM_ARRAY_TASK_ID``):
 ``--config ... --set ... --out FILE`` for a pending run, ``--resume FILE`` for a
 partial one; it exits with status 3 for a finished run, which is skipped.
 ``--run`` runs every entry that has not finished, one after another, under
-``--launcher`` (default ``mpirun -n 3``).
+``--launcher`` (default ``mpirun -n 3``). ``--in-job --ranks-per-run G``, started
+once under ``mpirun -n P`` or ``srun``, runs them inside that one job: groups of G
+ranks take the entries from the sweep directory (:class:`SweepQueue`) and run them
+with warm interpreters (:mod:`fedmpi.injob`). A failed run is listed as ``failed``
+with its message until it finishes.
 """
 
 from __future__ import annotations
@@ -266,6 +270,8 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--ranks-per-run", type=int, default=1, metavar="G",
                         help="with --in-job: ranks of each run (its rank 0 is the server; default 1)")
     args = parser.parse_args(argv)
+    if args.ranks_per_run != 1 and not args.in_job:
+        parser.error("--ranks-per-run applies to --in-job only")
     if args.in_job:
         return _in_job(args)
     try:

@@ -25,9 +25,9 @@ COMMON = {"rounds": 3, "clients.total": 8, "clients.per_round": 8, "server.optim
           "aggregator.name": "median", "output.checkpoint_every": 1}
 
 
-def _grid(directory, out="sweep"):
+def _grid(directory, seeds=SEEDS):
     path = directory / "grid.yaml"
-    path.write_text(yaml.safe_dump({"out": str(directory / out), "seeds": SEEDS, "set": COMMON}, sort_keys=False))
+    path.write_text(yaml.safe_dump({"out": str(directory / "sweep"), "seeds": seeds, "set": COMMON}, sort_keys=False))
     return path
 
 
@@ -53,8 +53,8 @@ def reference(tmp_path_factory):
     return [cwd / "sweep" / f"run-{i:04d}.h5" for i in range(len(SEEDS))]
 
 
-def _files(cwd):
-    return [cwd / "sweep" / f"run-{i:04d}.h5" for i in range(len(SEEDS))]
+def _files(cwd, count=None):
+    return [cwd / "sweep" / f"run-{i:04d}.h5" for i in range(count or len(SEEDS))]
 
 
 def _manifest(cwd):
@@ -79,16 +79,19 @@ def _assert_same_run(path, reference, ranks):
 
 
 def test_in_job_runs_equal_standalone_ones_and_a_failing_run_stays_in_its_run(tmp_path, reference):
-    grid = _grid(tmp_path)
+    grid = _grid(tmp_path, seeds=[*SEEDS, 3])
+    files = _files(tmp_path, 4)
+    files[3].mkdir(parents=True)  # the fourth run's results file cannot be used: refused before its MPI traffic
     # 2 groups of 2 ranks. The run with seed 1 fails on its worker in round 1, while its server
     # waits for the round's updates; the run with seed 0 is slowed (3 s before round 0) so that
     # the failing group is the one free to take the third run.
     job = _in_job(4, 2, grid, tmp_path, inject=["--fail", "1:1", "--slow", "0:0:3"])
     assert job.returncode == 1, job.stderr
     assert "injected failure in round 1 of the run with seed 1" in job.stderr  # the rank's traceback
-    files, manifest = _files(tmp_path), _manifest(tmp_path)
-    assert [manifest[i]["state"] for i in range(3)] == ["done", "failed", "done"]
+    manifest = _manifest(tmp_path)
+    assert [manifest[i]["state"] for i in range(4)] == ["done", "failed", "done", "failed"]
     assert manifest[1]["error"] == "RuntimeError: injected failure in round 1 of the run with seed 1 (on rank 1)"
+    assert manifest[3]["error"] == f"config error: --resume = {str(files[3])!r}: is a directory"
     assert manifest[2]["group"] == manifest[1]["group"] != manifest[0]["group"]  # the failing group moved on
     for i in (0, 2):
         _assert_same_run(files[i], reference[i], ranks=2)
@@ -97,15 +100,24 @@ def test_in_job_runs_equal_standalone_ones_and_a_failing_run_stays_in_its_run(tm
     listing = run_job(None, [grid], tmp_path, module="fedmpi.sweep")
     assert "   1  failed (1 rounds)" in listing.stdout and "(on rank 1)]" in listing.stdout
 
-    # resubmitted (now 2 groups of 1 rank): the failed run is resumed, finished ones are left alone
+    # resubmitted (now 2 groups of 1 rank): failed runs are retried, finished ones left alone
+    files[3].rmdir()
     stamps = {i: files[i].stat().st_mtime_ns for i in (0, 2)}
     again = _in_job(2, 1, grid, tmp_path)
     assert again.returncode == 0, again.stderr
-    assert _run_lines(again.stdout) == ["[1] group 0: resumed, done"]
+    assert sorted(line.split(": ", 1)[1] for line in _run_lines(again.stdout)) == ["done", "resumed, done"]
     assert all(files[i].stat().st_mtime_ns == stamp for i, stamp in stamps.items())
     _assert_same_run(files[1], reference[1], ranks=1)  # one rank: equal to the 2-rank run (rank-count invariance)
-    assert [e["state"] for e in _manifest(tmp_path).values()] == ["done"] * 3
+    assert [e["state"] for e in _manifest(tmp_path).values()] == ["done"] * 4
     assert len(load(str(files[1])).attrs["resumed_at"]) == 1
+
+
+def test_bad_ranks_per_run_is_one_line_before_mpi(tmp_path):
+    grid = _grid(tmp_path)
+    proc = run_job(None, [grid, "--in-job", "--ranks-per-run", "2"], tmp_path, module="fedmpi.sweep")
+    assert proc.returncode == 2 and proc.stderr == ("fedmpi: --ranks-per-run 2: must divide the number of ranks (1); "
+                                                    "start 2 ranks, or choose another G\n")
+    assert not (tmp_path / "sweep").exists()
 
 
 def _run_lines(stdout):
