@@ -231,7 +231,9 @@ class RunComm(MPIComm):
     The sum of ``transport: reduce`` stays a blocking ``Reduce`` (the algorithm, and so
     the floating-point order, of a stand-alone run), entered only once every rank has
     met at a barrier that watches for the notice. A communicator left with requests
-    that will never complete (after a failure) is abandoned, not freed."""
+    that will never complete (after a failure) is abandoned, not freed. A collective
+    added to :class:`MPIComm` needs its watching version here (inherited as it is,
+    it works, but a failed peer would leave this rank waiting in it)."""
 
     NOTICE_TAG = 7001
 

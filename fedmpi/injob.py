@@ -46,7 +46,7 @@ import numpy as np
 
 from .comm import PeerFailed, connect, launcher_rank, launcher_size, prepare_environment
 from .protocol import EXIT_BAD_INPUT, EXIT_CHECKPOINTED, EXIT_FAILED, EXIT_OK
-from .run import Prepared, StopSignals, exchange_status, parse_args, prepare, run_experiment
+from .run import Prepared, StopSignals, exchange_status, fail_job, parse_args, prepare, run_experiment
 
 
 @dataclass
@@ -90,13 +90,7 @@ def run_in_job(queue, ranks_per_run: int) -> int:
     try:
         return _run_groups(queue, ranks_per_run, world, stop)
     except BaseException as exc:  # noqa: BLE001 - the sweep itself failed (not a run): take the whole job down
-        if isinstance(exc, SystemExit) and not exc.code:
-            raise
-        print(f"fedmpi: in-job sweep, rank {world.rank} failed:", file=sys.stderr)
-        traceback.print_exc()
-        if world.size > 1:
-            world.abort(EXIT_FAILED)
-        return EXIT_FAILED
+        return fail_job(world, exc, f"in-job sweep, rank {world.rank}")
 
 
 def _run_groups(queue, ranks_per_run: int, world, stop: StopSignals) -> int:

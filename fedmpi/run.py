@@ -215,15 +215,22 @@ def main(argv: list | None = None) -> int:
         stopped = run_experiment(run_cfg, comm, prepared.data, config_yaml=cfg.to_yaml(), quiet=args.quiet,
                                  resume_path=args.resume, rank_hosts=rank_hosts)
     except BaseException as exc:  # noqa: BLE001 - any failure must take the whole job down
-        if isinstance(exc, SystemExit) and not exc.code:
-            raise
-        print(f"fedmpi: rank {comm.rank} failed:", file=sys.stderr)
-        traceback.print_exc()
-        if comm.size > 1:
-            comm.abort(EXIT_FAILED)
-        return EXIT_FAILED
+        return fail_job(comm, exc, f"rank {comm.rank}")
     comm.close()
     return EXIT_CHECKPOINTED if stopped else EXIT_OK
+
+
+def fail_job(comm, exc: BaseException, who: str) -> int:
+    """``exc`` ends the whole job: print ``who`` failed with the traceback, then
+    MPI_Abort, so that no rank is left waiting in a collective (a clean SystemExit
+    passes through)."""
+    if isinstance(exc, SystemExit) and not exc.code:
+        raise exc
+    print(f"fedmpi: {who} failed:", file=sys.stderr)
+    traceback.print_exc()
+    if comm.size > 1:
+        comm.abort(EXIT_FAILED)
+    return EXIT_FAILED
 
 
 def _stored_rounds(resume: dict) -> int:

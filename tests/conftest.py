@@ -67,3 +67,20 @@ def make_idx_dataset(directory: Path, n_train: int = 1000, n_test: int = 200, se
             images[i, row:row + 6, col:col + 6] = 200 + rng.integers(0, 55)
         write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
+
+
+def rank_pid(rank: int, *markers: str) -> int:
+    """The process of MPI rank ``rank`` (PMI_RANK) whose command line holds every one of ``markers``."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+        except OSError:
+            continue
+        if f"PMI_RANK={rank}".encode() in env and all(m.encode() in cmdline for m in markers):
+            return int(entry)
+    raise AssertionError(f"rank {rank} not found")

@@ -14,7 +14,7 @@ import h5py
 import pytest
 import yaml
 
-from conftest import REPO, fedmpi_env, mpirun_path, run_job
+from conftest import REPO, fedmpi_env, mpirun_path, rank_pid, run_job
 from fedmpi.results import CLIENT_FIELDS, ROUND_FIELDS, load
 
 INJECT = REPO / "tests" / "helpers" / "sweep_inject.py"
@@ -141,22 +141,6 @@ def _rounds(path):
         return 0
 
 
-def _rank_pid(rank, marker):
-    """The process of ``rank`` (PMI_RANK) whose command line holds ``marker``."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as fh:
-                    env = fh.read().split(b"\0")
-                with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                    cmdline = fh.read()
-            except OSError:
-                continue
-            if f"PMI_RANK={rank}".encode() in env and marker.encode() in cmdline:
-                return int(entry)
-    raise AssertionError(f"rank {rank} not found")
-
-
 def test_signalled_then_killed_in_job_sweep_resubmitted_finishes_exact(tmp_path, reference):
     grid = _grid(tmp_path)
     files = _files(tmp_path)
@@ -175,7 +159,7 @@ def test_signalled_then_killed_in_job_sweep_resubmitted_finishes_exact(tmp_path,
     job = _start_in_job(2, 2, grid, tmp_path, inject=["--slow", "2:2:30"])
     _wait_for(lambda: _rounds(files[2]) >= 2, "the third run's second round")
     assert load(str(files[0])).finished and load(str(files[1])).finished
-    os.kill(_rank_pid(1, str(grid)), signal.SIGKILL)
+    os.kill(rank_pid(1, str(grid)), signal.SIGKILL)
     job.communicate(timeout=60)
     assert job.returncode != 0
     assert not load(str(files[2])).finished
