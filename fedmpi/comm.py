@@ -118,8 +118,8 @@ class SingleProcess:
     def notify_failure(self) -> None:
         pass
 
-    def release(self, clean: bool) -> None:
-        pass
+    def release(self, clean: bool) -> bool:
+        return True
 
 
 class MPIComm:
@@ -297,17 +297,19 @@ class RunComm(MPIComm):
         mine = np.array([self.rank], dtype=np.int64)
         self._abandoned += [self.comm.Isend(mine, dest=r, tag=self.NOTICE_TAG) for r in range(self.size) if r != self.rank]
 
-    def release(self, clean: bool) -> None:
+    def release(self, clean: bool) -> bool:
         """After the run: free the communicator when every rank finished it cleanly
-        (``clean``: the group agreed on it), else abandon it: the caller keeps this
-        object (and so the buffers of its unfinished requests) referenced."""
+        (``clean``: the group agreed on it) or it has no other rank; else abandon it
+        and return False: the caller keeps this object (and so the buffers of its
+        unfinished requests) referenced."""
         if self.failed_rank is None:  # no notice came (or it came unseen): withdraw the receive
             self._notice.Cancel()
             self._notice.Wait()
-        if not clean:
-            return
+        if not clean and self.size > 1:
+            return False
         self.close()
         self.comm.Free()
+        return True
 
 
 def connect() -> SingleProcess | MPIComm:

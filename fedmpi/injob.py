@@ -113,8 +113,9 @@ def _run_groups(queue, ranks_per_run: int, world, stop: StopSignals) -> int:
     group_index = world.rank // ranks_per_run
     group = world.split(group_index)
     if world.rank == 0:
-        print(f"in-job sweep: {len(queue.entries)} runs, {world.size // ranks_per_run} groups of {ranks_per_run} "
-              f"rank{'s' if ranks_per_run > 1 else ''}; {queue.session}", flush=True)
+        runs, groups = len(queue.entries), world.size // ranks_per_run
+        print(f"in-job sweep: {_count(runs, 'run')}, {_count(groups, 'group')} of {_count(ranks_per_run, 'rank')}; "
+              f"{queue.session}", flush=True)
     runner = GroupRunner(queue, group, group_index, node_rank, stop)  # holds abandoned communicators to the end
     runner.run()
     world.barrier_idle()  # groups done early sleep here
@@ -131,6 +132,10 @@ def _run_groups(queue, ranks_per_run: int, world, stop: StopSignals) -> int:
     code = world.allgather(code)[0]
     world.close()
     return code
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' if n != 1 else ''}"
 
 
 class GroupRunner:
@@ -220,9 +225,9 @@ class GroupRunner:
         self.group.barrier_idle()
         reports = self.group.allgather((error, aborted, stopped))
         clean = not any(e or a for e, a, _ in reports)
-        comm.release(clean)
-        if not clean:
+        if not comm.release(clean):
             self.abandoned.append(comm)
+        if not clean:
             rank, message = next((r, e) for r, (e, _, _) in enumerate(reports) if e)
             return Outcome("failed", message + ("" if rank == 0 else f" (on rank {rank})"), hosts)
         return Outcome("partial" if reports[0][2] else "done", None, hosts)
