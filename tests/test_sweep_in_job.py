@@ -141,33 +141,34 @@ def _rounds(path):
         return 0
 
 
-def test_signalled_then_killed_in_job_sweep_resubmitted_finishes_exact(tmp_path, reference):
+def _states(cwd):
+    try:
+        return [entry["state"] for entry in _manifest(cwd).values()]
+    except (OSError, ValueError):  # not written yet
+        return []
+
+
+def test_killed_in_job_sweep_resubmitted_finishes_exact(tmp_path, reference):
     grid = _grid(tmp_path)
     files = _files(tmp_path)
-    # SIGTERM while both groups (of 1 rank) sleep before round 1 of their runs
-    job = _start_in_job(2, 1, grid, tmp_path, inject=["--slow", "0:1:3", "--slow", "1:1:3"])
-    _wait_for(lambda: _rounds(files[0]) >= 1 and _rounds(files[1]) >= 1, "both runs' first round")
-    job.send_signal(signal.SIGTERM)  # mpirun passes it on to every rank
-    stdout, stderr = job.communicate(timeout=60)
-    assert job.returncode == 75, stderr
-    assert stderr.count("SIGTERM received; checkpoint after round") == 2
-    assert "[0] group 0: checkpointed after a signal" in stdout or "[0] group 1: checkpointed after a signal" in stdout
-    manifest = _manifest(tmp_path)
-    assert [manifest[i]["state"] for i in range(3)] == ["partial", "partial", "pending"] and not files[2].exists()
-
-    # resubmitted with one group of 2 ranks: killed (SIGKILL to a rank) during the run with seed 2
-    job = _start_in_job(2, 2, grid, tmp_path, inject=["--slow", "2:2:30"])
-    _wait_for(lambda: _rounds(files[2]) >= 2, "the third run's second round")
-    assert load(str(files[0])).finished and load(str(files[1])).finished
-    os.kill(rank_pid(1, str(grid)), signal.SIGKILL)
-    job.communicate(timeout=60)
+    # 2 groups of 1 rank; the run with seed 1 sleeps before its round 2 (a checkpoint follows
+    # every round), while the other group finishes the other two runs; then a rank is killed
+    job = _start_in_job(2, 1, grid, tmp_path, inject=["--slow", "1:2:60"])
+    _wait_for(lambda: _rounds(files[1]) >= 2 and _states(tmp_path) == ["done", "running", "done"],
+              "two runs done and one in its third round")
+    stamps = {i: files[i].stat().st_mtime_ns for i in (0, 2)}
+    os.kill(rank_pid(0, str(grid)), signal.SIGKILL)
+    job.communicate(timeout=60)  # the launcher ends the whole job
     assert job.returncode != 0
-    assert not load(str(files[2])).finished
+    killed = load(str(files[1]))
+    assert not killed.finished and killed.rounds["round"].tolist() == [0, 1]
 
-    # resubmitted as it was first: every run finishes, each equal to its stand-alone run
-    again = _in_job(2, 1, grid, tmp_path)
+    # resubmitted with one group of 2 ranks: the killed run is resumed, finished ones are left alone
+    again = _in_job(2, 2, grid, tmp_path)
     assert again.returncode == 0, again.stderr
-    assert _run_lines(again.stdout) in (["[2] group 0: resumed, done"], ["[2] group 1: resumed, done"])
-    for i, ranks in enumerate([2, 2, 1]):  # the group size that finished each run
+    assert _run_lines(again.stdout) == ["[1] group 0: resumed, done"]
+    assert all(files[i].stat().st_mtime_ns == stamp for i, stamp in stamps.items())
+    for i, ranks in enumerate([1, 2, 1]):  # the group size that finished each run
         _assert_same_run(files[i], reference[i], ranks)
-    assert [len(load(str(f)).attrs["resumed_at"]) for f in files] == [1, 1, 1]
+    assert len(load(str(files[1])).attrs["resumed_at"]) == 1
+    assert _states(tmp_path) == ["done"] * 3
