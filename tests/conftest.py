@@ -215,3 +215,20 @@ def make_tff_shakespeare(directory: Path, roles: int = 3) -> None:
                 lines = [text[k:k + 60] + "\n" for k in range(0, length, 60)]
                 f.create_dataset(f"examples/ROLE_{i}/snippets", data=np.array([s.encode() for s in lines], dtype=object),
                                  dtype=h5py.string_dtype())
+
+
+def rank_pid(rank: int, *markers: str) -> int:
+    """The process of MPI rank ``rank`` (PMI_RANK) whose command line holds every one of ``markers``."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+        except OSError:
+            continue
+        if f"PMI_RANK={rank}".encode() in env and all(m.encode() in cmdline for m in markers):
+            return int(entry)
+    raise AssertionError(f"rank {rank} not found")
