@@ -18,7 +18,9 @@ Start-up, in this order:
 An exception on any rank prints that rank's traceback and aborts the whole job
 (``MPI_Abort``), so no rank is left waiting in a collective. SIGTERM or SIGUSR1
 stops the run after the current round and a checkpoint (exit status 75);
-``--resume FILE`` continues it. The exit statuses are :mod:`fedmpi.protocol`'s.
+``--resume FILE`` continues it. A run that diverges (a non-finite global model)
+stops after that round with exit status 4. The exit statuses are
+:mod:`fedmpi.protocol`'s.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from . import config as config_mod
 from .comm import connect, launcher_rank, prepare_environment
 from .data import DataError
 from .preflight import preflight
-from .protocol import EXIT_BAD_INPUT, EXIT_CHECKPOINTED, EXIT_FAILED, EXIT_OK
+from .protocol import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_FAILED, EXIT_OK
 from .results import ResultsError, default_path, run_info
 from .schema import Config, ConfigError, flatten, replace
 
@@ -74,6 +76,9 @@ def resolve_resume(args: argparse.Namespace) -> tuple[Config, dict]:
         info = run_info(path)
     except ResultsError as exc:
         raise ConfigError("--resume", path, str(exc).split(": ", 1)[-1]) from None
+    if info["exit_status"] == EXIT_DIVERGED:
+        raise ConfigError("--resume", path, f"the run diverged and stopped (exit status {EXIT_DIVERGED}); resuming "
+                          "it would diverge again")
     stored = yaml.safe_load(info["config"])
     wanted = config_mod.read_file(args.config) if args.config else yaml.safe_load(info["config"])
     for assignment in args.set:
@@ -171,10 +176,10 @@ def main(argv: list | None = None) -> int:
         comm.close()
         return EXIT_OK
 
-    stopped = False
+    status = EXIT_OK
     try:
-        stopped = run_experiment(run_cfg, comm, data, config_yaml=cfg.to_yaml(), quiet=args.quiet,
-                                 resume_path=args.resume, rank_hosts=[host for _, _, host in statuses])
+        status = run_experiment(run_cfg, comm, data, config_yaml=cfg.to_yaml(), quiet=args.quiet,
+                                resume_path=args.resume, rank_hosts=[host for _, _, host in statuses])
     except BaseException as exc:  # noqa: BLE001 - any failure must take the whole job down
         if isinstance(exc, SystemExit) and not exc.code:
             raise
@@ -184,7 +189,7 @@ def main(argv: list | None = None) -> int:
             comm.abort(EXIT_FAILED)
         return EXIT_FAILED
     comm.close()
-    return EXIT_CHECKPOINTED if stopped else EXIT_OK
+    return status
 
 
 def _stored_rounds(resume: dict) -> int:
@@ -212,11 +217,12 @@ def _run_attrs(cfg: Config, data, rank_hosts: list) -> dict:
 
 
 def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = False, resume_path: str | None = None,
-                   rank_hosts: list | None = None) -> bool:
+                   rank_hosts: list | None = None) -> int:
     """This rank's part of one run of ``cfg`` (the noise multiplier already calibrated)
     over ``comm``; ``config_yaml``: the config as the user gave it, stored in the file;
-    ``rank_hosts``: each rank's host name. Returns True when a signal stopped the run
-    after a checkpoint."""
+    ``rank_hosts``: each rank's host name. Returns the exit status rank 0 decided, the
+    same on every rank: EXIT_OK, EXIT_CHECKPOINTED (a signal stopped the run after a
+    checkpoint) or EXIT_DIVERGED."""
     import torch
 
     from .models import FlatModel, build_model, init_weights, layout
@@ -236,7 +242,7 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
     if comm.rank != 0:
         # rank 0 decides when to stop (after a checkpoint) and tells the workers
         _on_stop_signals(lambda name: None)
-        return serve(RoundMessages(comm, model.size, reduce), ClientHost(cfg, data, model)) == EXIT_CHECKPOINTED
+        return serve(RoundMessages(comm, model.size, reduce), ClientHost(cfg, data, model))
 
     from .results import ResultsWriter, read_checkpoint
     from .server import ServerLoop
@@ -272,7 +278,7 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
         writer.path = resume_path
     loop.writer = writer
     try:
-        return not loop.run(start_round)
+        return loop.run(start_round)
     finally:
         writer.close()
 

@@ -37,7 +37,7 @@ import sys
 import yaml
 
 from .config import from_mapping
-from .protocol import EXIT_BAD_INPUT, EXIT_FINISHED, EXIT_OK
+from .protocol import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_FINISHED, EXIT_OK
 from .results import status
 from .schema import ConfigError, apply_override, read_file
 
@@ -114,7 +114,7 @@ def expand(grid: dict, path: str = "sweep") -> list[dict]:
 def run_args(grid: dict, entry: dict) -> list[str] | None:
     """fedmpi.run arguments for ``entry``; None when it has finished."""
     state, _ = status(entry["out"])
-    if state == "done":
+    if state in ("done", "diverged"):  # a diverged run ended: resuming it would diverge again
         return None
     if state == "partial":
         return ["--resume", entry["out"]]
@@ -168,7 +168,7 @@ def main(argv: list | None = None) -> int:
                 command = [*shlex.split(args.launcher), sys.executable, "-m", "fedmpi.run", *found, "--quiet"]
                 print(f"[{entry['index']}] {shlex.join(found)}", flush=True)
                 code = subprocess.call(command)
-                if code != 0:
+                if code not in (EXIT_OK, EXIT_DIVERGED):  # a diverged run is a result, not a failure
                     print(f"fedmpi: sweep entry {entry['index']} exited with status {code}", file=sys.stderr)
                     return code
             return EXIT_OK
