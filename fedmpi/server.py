@@ -16,8 +16,9 @@
 4. step the server optimizer (not when too few finite rows remained for the
    rule: the round then leaves the model and the server's state unchanged);
 5. account privacy;
-6. evaluate (every ``eval.every`` rounds and after the last), and the attack's
-   success rate on its triggered test set (the backdoor);
+6. evaluate (every ``eval.every`` rounds, after the last, and after a round in
+   which the run diverged), and the attack's success rate on its triggered test
+   set (the backdoor);
 7. record: append the round to the HDF5 file (flushed), print one line.
 
 After the last round the workers are told to stop and the final model is
@@ -199,11 +200,12 @@ class ServerLoop:
         if result.skipped is None:
             self.optimizer.step(self.weights, result.vector)
         privacy = self.account(updates)
+        self.diverged = self.divergence(updates)
         clock.lap("aggregate")
-        evaluation = self.evaluate(r)
+        evaluation = self.evaluate(r, last=self.diverged is not None)
         clock.lap("eval")
         self.record(r, updates, result, privacy, evaluation, clock)
-        self.check(r, updates, result)
+        self.warn(r, updates, result)
 
     # ---- the steps
 
@@ -241,36 +243,46 @@ class ServerLoop:
                                      honest=~updates.byzantine & finite, f=f, aggregate=aggregate,
                                      rng=seeding.rng(self.cfg.seed, "server_attack", r), state=self.attack_state)
 
-    def check(self, r: int, updates: Updates, result: Aggregate) -> None:
-        """Warnings for the round just recorded, and whether the run diverged."""
-        honest = ~updates.byzantine & (updates.samples > 0)
-        loss = updates.record("train_loss")
-        bad_loss = honest & ~np.isfinite(loss)
+    def divergence(self, updates: Updates) -> str | None:
+        """What went non-finite this round (the run then stops), or None: the global
+        model, or every honest client's update (local training diverged)."""
         cfg = self.cfg
+        learning = f"check the learning rates (train.lr = {cfg.train.lr:g}, server.lr = {cfg.server.lr:g})"
+        attack = (f", or the defence against attack.name = {cfg.attack.name} (aggregator.name = {cfg.aggregator.name})"
+                  if cfg.attack.name != "none" else "")
+        if not np.isfinite(self.weights).all():
+            return (f"the global model holds NaN or infinite values; {learning} and the server optimizer "
+                    f"(server.optimizer = {cfg.server.optimizer}){attack}")
+        honest = ~updates.byzantine & (updates.samples > 0)
+        if honest.any() and updates.finite is not None and not (updates.finite & honest).any():
+            return f"no honest client's update was finite (local training diverged); {learning}{attack}"
+        return None
+
+    def warn(self, r: int, updates: Updates, result: Aggregate) -> None:
+        """A line for a round in which honest clients' training loss is not finite, and
+        one for a round the rule could not aggregate."""
+        honest = ~updates.byzantine & (updates.samples > 0)
+        bad_loss = honest & ~np.isfinite(updates.record("train_loss"))
         if bad_loss.any():
             print(f"fedmpi: warning: round {r + 1}: the local training loss of {int(bad_loss.sum())} of "
-                  f"{int(honest.sum())} honest clients is not finite; check train.lr ({cfg.train.lr:g})",
+                  f"{int(honest.sum())} honest clients is not finite; check train.lr ({self.cfg.train.lr:g})",
                   file=sys.stderr, flush=True)
         if result.skipped is not None:
             k, kept = len(updates.cohort), len(updates.kept)
             what = (f"none of the {k} updates was finite" if not kept else
                     f"{k - kept} of {k} updates were not finite and the rest cannot be aggregated ({result.skipped})")
             print(f"fedmpi: warning: round {r + 1}: {what}: the model was left unchanged", file=sys.stderr, flush=True)
-        learning = f"check the learning rates (train.lr = {cfg.train.lr:g}, server.lr = {cfg.server.lr:g})"
-        if not np.isfinite(self.weights).all():
-            self.diverged = (f"the global model holds NaN or infinite values; {learning} and the server optimizer "
-                             f"(server.optimizer = {cfg.server.optimizer})")
-        elif honest.any() and updates.finite is not None and not (updates.finite & honest).any():
-            self.diverged = f"no honest client's update was finite (local training diverged); {learning}"
 
     def account(self, updates: Updates) -> Privacy:
         if self.accountant is None:
             return Privacy()
         return Privacy(*self.accountant.after_round(updates.cohort, updates.samples))
 
-    def evaluate(self, r: int) -> Evaluation:
+    def evaluate(self, r: int, last: bool = False) -> Evaluation:
+        """Every ``eval.every`` rounds, after the last, and after a round that ends the
+        run early (``last``: it diverged)."""
         cfg = self.cfg
-        if r != cfg.rounds - 1 and (r + 1) % cfg.eval.every != 0:
+        if not last and r != cfg.rounds - 1 and (r + 1) % cfg.eval.every != 0:
             return Evaluation()
         loss, accuracy = evaluate(self.model, self.weights, self.data.x_test, self.data.y_test, cfg.eval.batch_size)
         self.last_accuracy = accuracy
