@@ -42,12 +42,14 @@ pre-aggregation step, ``aggregator.pre[i].name``: ``step(rows, *, f, rng, **para
     each output row averages; a step whose output has another number of rows
     declares ``rows_after(n)``. ``rng``: keyed (seed, "bucketing", round, i).
 attack, ``attack.name``: a :class:`fedmpi.attacks.Attack`, written like the built-in ones
-    ``paper``, ``params`` (name -> default; ``attack.params`` are checked
-    against them), ``positive``, and the hooks ``on_data(x, y, num_classes,
-    params, rng) -> (x, y)`` (client, before training), ``on_update(update,
-    params, rng) -> None`` (client, in place, after training),
-    ``on_server(updates, byzantine, params) -> None`` (rank 0, in place, every
-    row of the cohort). ``rng``: keyed (seed, "attack", round, client id).
+    ``paper``, ``params`` (name -> :class:`fedmpi.attacks.Param`: type,
+    default, allowed values; ``attack.params`` are converted and checked
+    against them), and the hooks ``on_data(x, y, num_classes, params, rng) ->
+    (x, y)`` (client, before training), ``on_update(update, params, rng) ->
+    None`` (client, in place, after training), ``on_server(updates, byzantine,
+    params, context) -> None`` (rank 0, in place, every row of the cohort;
+    ``context``: a :class:`fedmpi.attacks.ServerContext`). ``rng``: keyed
+    (seed, "attack", round, client id).
 data set, ``data.name``: ``load(*, rng, num_clients, **params)``
     Returns ``(x_train, y_train, x_test, y_test)`` (then normalised by
     ``data.normalize`` and split by ``data.partition``, like ``npz``), or
@@ -106,7 +108,7 @@ import numpy as np
 from . import seeding
 from .aggregation import PRE_STEPS, RULES, AggregationResult, PreStep, Regrouped, Rule
 from .architectures import ARCHITECTURES, Architecture
-from .attacks import ATTACKS, Attack
+from .attacks import ATTACKS, Attack, Param
 from .data import DATASETS, DataError, Dataset, check_arrays, from_arrays
 from .optimizers import OPTIMIZERS, Optimizer
 from .schema import Config, ConfigError, PartitionConfig, plain
@@ -141,7 +143,7 @@ CONTRACTS = {
 
 # An attack's hooks are called with these arguments, in this order.
 HOOKS = {"on_data": ("x", "y", "num_classes", "params", "rng"), "on_update": ("update", "params", "rng"),
-         "on_server": ("updates", "byzantine", "params")}
+         "on_server": ("updates", "byzantine", "params", "context")}
 
 
 @dataclass(frozen=True)
@@ -307,7 +309,7 @@ def _hints(obj: Any) -> dict:
 
 def _check_attack(obj: Any) -> None:
     if not isinstance(obj, Attack):
-        raise _Problem(f"is a {type(obj).__name__}; an attack is a fedmpi.attacks.Attack(paper, params, positive, "
+        raise _Problem(f"is a {type(obj).__name__}; an attack is a fedmpi.attacks.Attack(paper, params, "
                        "on_data=..., on_update=..., on_server=...)")
     if obj.on_data is None and obj.on_update is None and obj.on_server is None:
         raise _Problem("has none of the hooks on_data, on_update, on_server")
@@ -321,8 +323,9 @@ def _check_attack(obj: Any) -> None:
             raise _Problem(f"wrong signature of {hook}{inspect.signature(fn)}: it is called as {hook}({', '.join(args)})") from None
         except ValueError:
             pass  # a callable whose signature cannot be read is taken as it is
-    if not all(isinstance(v, (int, float)) or v is None for v in obj.params.values()):
-        raise _Problem("params must map names to numbers (or None), the defaults of attack.params")
+    if not all(isinstance(v, Param) for v in obj.params.values()):
+        raise _Problem("params must map names to fedmpi.attacks.Param(type, default, ...), which type and check "
+                       "attack.params")
 
 
 # --------------------------------------------------------------------------- params

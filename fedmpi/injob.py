@@ -30,8 +30,9 @@ SIGTERM or SIGUSR1 (``--signal=B:USR1@...``) reaches every rank: each group's
 running run writes a checkpoint after its current round and stops, no group
 takes another run, and the job exits with status 75, so the job scripts requeue
 it; the resubmitted job skips finished runs and resumes partial ones. The exit
-status is 0 when every run of the sweep has finished, 75 after a signal, else 1
-(some run failed: the manifest holds its message; resubmitting retries it).
+status is 0 when every run of the sweep has ended (finished, or diverged: exit
+status 4 is a result), 75 after a signal, else 1 (some run failed: the manifest
+holds its message; resubmitting retries it).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .comm import PeerFailed, connect, launcher_rank, launcher_size, prepare_environment
-from .protocol import EXIT_BAD_INPUT, EXIT_CHECKPOINTED, EXIT_FAILED, EXIT_OK
+from .protocol import EXIT_BAD_INPUT, EXIT_CHECKPOINTED, EXIT_DIVERGED, EXIT_FAILED, EXIT_OK
 from .run import Prepared, StopSignals, exchange_status, fail_job, parse_args, prepare, run_experiment
 
 
@@ -53,7 +54,7 @@ from .run import Prepared, StopSignals, exchange_status, fail_job, parse_args, p
 class Outcome:
     """What became of one run, as its group agreed on it."""
 
-    state: str  # done | partial (stopped by a signal, after a checkpoint) | failed
+    state: str  # done | partial (stopped by a signal, after a checkpoint) | diverged | failed
     error: str | None = None
     hosts: list = field(default_factory=list)
 
@@ -125,10 +126,11 @@ def _run_groups(queue, ranks_per_run: int, world, stop: StopSignals) -> int:
         manifest = queue.write_manifest(final=True)
         with open(manifest, encoding="utf-8") as fh:
             states = [e.get("state") for e in json.load(fh)["entries"]]
-        counts = {s: states.count(s) for s in ("done", "partial", "failed", "pending") if states.count(s)}
+        counts = {s: states.count(s) for s in ("done", "diverged", "partial", "failed", "pending") if states.count(s)}
         summary = ", ".join(f"{n} {s}" for s, n in counts.items())
         print(f"in-job sweep: {summary} after {time.perf_counter() - start:.1f} s; manifest: {manifest}", flush=True)
-        code = EXIT_OK if counts.get("done", 0) == len(states) else EXIT_CHECKPOINTED if signalled else EXIT_FAILED
+        ended = counts.get("done", 0) + counts.get("diverged", 0)  # a diverged run is a result, not a failure
+        code = EXIT_OK if ended == len(states) else EXIT_CHECKPOINTED if signalled else EXIT_FAILED
     code = world.allgather(code)[0]
     world.close()
     return code
@@ -166,6 +168,7 @@ class GroupRunner:
                     record["error"] = outcome.error
                 self._record(index, record)
                 shown = {"done": f"done in {wall_s:.1f} s", "partial": "checkpointed after a signal",
+                         "diverged": f"diverged (exit status {EXIT_DIVERGED}) in {wall_s:.1f} s",
                          "failed": f"FAILED: {outcome.error}"}[outcome.state]
                 how = "resumed, " if argv[:1] == ["--resume"] else ""
                 print(f"[{index}] group {self.group_index}: {how}{shown}", flush=True)
@@ -230,4 +233,5 @@ class GroupRunner:
         if not clean:
             rank, message = next((r, e) for r, (e, _, _) in enumerate(reports) if e)
             return Outcome("failed", message + ("" if rank == 0 else f" (on rank {rank})"), hosts)
-        return Outcome("partial" if reports[0][2] == EXIT_CHECKPOINTED else "done", None, hosts)
+        ended = {EXIT_OK: "done", EXIT_CHECKPOINTED: "partial", EXIT_DIVERGED: "diverged"}
+        return Outcome(ended[reports[0][2]], None, hosts)

@@ -2,10 +2,11 @@
 
 :func:`preflight` runs on every rank after the config was validated: the results
 path (rank 0), the data files, the device, then the data themselves, the model
-against the data (a user model is built and tried on a probe batch), the user
-code of :mod:`fedmpi.extensions` (rank 0 tries rules, steps, attack hooks and
-optimizers on probe inputs), and rank 0's memory budget. Each problem is one
-:class:`fedmpi.schema.ConfigError` line (exit status 2, no results file).
+against the data (a user model is built and tried on a probe batch), what the
+attack needs of the data, the user code of :mod:`fedmpi.extensions` (rank 0
+tries rules, steps, attack hooks and optimizers on probe inputs), and rank 0's
+memory budget. Each problem is one :class:`fedmpi.schema.ConfigError` line
+(exit status 2, no results file).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def preflight(cfg: Config, rank: int, new_file: bool = True) -> FederatedData:
     check_device(cfg)
     data = data_mod.load(cfg, need_train=True, need_test=rank == 0, entry=dataset)
     num_params = check_model(cfg, data)
+    check_attack(cfg, data)
     if rank == 0:
         probe_server_code(cfg, data, num_params)
         check_memory(cfg, data, num_params)
@@ -202,7 +204,7 @@ def _probe_attack(cfg: Config, data: FederatedData, num_params: int, g: np.rando
     """Try a user attack's hooks; returns what the last probe was (for messages)."""
     a = cfg.attack
     entry = extensions.attack(a.name)
-    params = attacks.resolved_params(a.name, a.params, cfg.clients.per_round, entry)
+    params = attacks.resolved_params(cfg, data, entry)
     rng = attacks.client_rng(cfg.seed, 0, 0)
 
     def call(hook: str, *args):
@@ -215,7 +217,7 @@ def _probe_attack(cfg: Config, data: FederatedData, num_params: int, g: np.rando
     where = ""
     if entry.on_server is not None:
         where = f"(on_server) on a probe input of {len(rows)} rows of {PROBE_WIDTH}, {int(byzantine.sum())} Byzantine"
-        if call("on_server", rows.copy(), byzantine.copy(), dict(params)) is not None:
+        if call("on_server", rows.copy(), byzantine.copy(), dict(params), _probe_context(cfg, entry, byzantine)) is not None:
             raise ExtensionFailed("attack.name", a.name, "on_server returned a value; it changes the Byzantine rows "
                                   "in place and returns None")
     if entry.on_update is not None:
@@ -236,6 +238,34 @@ def _probe_attack(cfg: Config, data: FederatedData, num_params: int, g: np.rando
                                   f"{y2.shape}, dtype {y2.dtype}; expected samples of shape {tuple(data.input_shape)} "
                                   f"and as many integer labels in 0..{data.num_classes - 1}")
     return where
+
+
+def _probe_context(cfg: Config, entry: attacks.Attack, byzantine: np.ndarray) -> attacks.ServerContext:
+    """The ServerContext of a probe round: every row finite, the run's rule (without
+    the user rule's state changes) as the attack's full knowledge."""
+    from .rounds import RuleAggregator
+
+    k, f = len(byzantine), cfg.aggregator.f
+    rule = RuleAggregator(cfg, PROBE_WIDTH) if cfg.privacy.mode != "client_central" else None
+
+    def aggregate(rows: np.ndarray):
+        if rule is None:
+            raise attacks.Inapplicable("central DP clips and noises the rows (no rule to simulate)")
+        try:
+            return rule.simulate(rows, max(0, f - (k - len(rows))), 0)
+        except ValueError as exc:
+            raise attacks.Inapplicable(str(exc)) from None
+
+    return attacks.ServerContext(round_index=0, cohort=np.arange(k), finite=np.ones(k, dtype=bool), honest=~byzantine,
+                                 f=f, aggregate=aggregate, rng=seeding.rng(cfg.seed, "probe"),
+                                 state=entry.state(PROBE_WIDTH) if entry.state else {})
+
+
+def check_attack(cfg: Config, data: FederatedData) -> None:
+    """What the attack needs of the data (the backdoor: images, a target class)."""
+    entry = extensions.attack(cfg.attack.name)
+    if entry.check is not None:
+        entry.check(attacks.resolved_params(cfg, None, entry), data)
 
 
 def _gib(n: float) -> str:
@@ -260,8 +290,9 @@ def server_memory(cfg: Config, data: FederatedData, num_params: int | None = Non
         n = extensions.pre_step(step.name, step.params, f"aggregator.pre[{i}].name").rows_after(n, step)
         other += n * d * 8
     other += extensions.rule(g.name, g.params).memory(n, d, g.f)
-    if extensions.attack(cfg.attack.name).needs_rows:
-        other += k * d * 4  # the honest rows, copied
+    attack = extensions.attack(cfg.attack.name)
+    if attack.needs_rows:
+        other += k * d * 4 + attack.memory(k, d)  # the honest rows, copied, and what the attack's search holds
     return rows, other, d
 
 

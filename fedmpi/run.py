@@ -24,7 +24,9 @@ An exception on any rank prints that rank's traceback and aborts the whole job
 breaks its contract during the run (:class:`fedmpi.extensions.ExtensionFailed`)
 stops every rank with one line instead (exit status 1). SIGTERM or SIGUSR1
 stops the run after the current round and a checkpoint (exit status 75);
-``--resume FILE`` continues it. The exit statuses are :mod:`fedmpi.protocol`'s.
+``--resume FILE`` continues it. A run that diverges (a non-finite global model)
+stops after that round with exit status 4. The exit statuses are
+:mod:`fedmpi.protocol`'s.
 
 :func:`simulate` is the same run in the calling process, for notebooks and
 scripts (``fedmpi.simulate``).
@@ -53,7 +55,7 @@ from .comm import SingleProcess, connect, launcher_rank, prepare_environment
 from .data import DataError
 from .extensions import ExtensionFailed
 from .preflight import preflight
-from .protocol import EXIT_BAD_INPUT, EXIT_CHECKPOINTED, EXIT_FAILED, EXIT_OK
+from .protocol import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_FAILED, EXIT_OK
 from .results import ResultsError, RunResults, default_path, load, run_info
 from .schema import Config, ConfigError, flatten, plain, replace
 
@@ -90,6 +92,9 @@ def resolve_resume(args: argparse.Namespace) -> tuple[Config, dict]:
         info = run_info(path)
     except ResultsError as exc:
         raise ConfigError("--resume", path, str(exc).split(": ", 1)[-1]) from None
+    if info["exit_status"] == EXIT_DIVERGED:
+        raise ConfigError("--resume", path, f"the run diverged and stopped (exit status {EXIT_DIVERGED}); resuming "
+                          "it would diverge again")
     stored = yaml.safe_load(info["config"])
     wanted = config_mod.read_file(args.config) if args.config else yaml.safe_load(info["config"])
     for assignment in args.set:
@@ -295,11 +300,11 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
     """This rank's part of one run of ``cfg`` (the noise multiplier already calibrated)
     over ``comm``; ``config_yaml``: the config as the user gave it, stored in the file;
     ``rank_hosts``: each rank's host name; ``stop``: the process's signal handlers when
-    it runs several experiments (else this run installs its own). Returns this rank's
-    exit status: EXIT_OK, EXIT_CHECKPOINTED when a signal stopped the run after a
-    checkpoint, or the status rank 0 stopped the workers with. On rank 0, user code
-    that broke its contract raises :class:`ExtensionFailed` (the workers were told to
-    stop)."""
+    it runs several experiments (else this run installs its own). Returns the exit
+    status rank 0 decided, the same on every rank: EXIT_OK, EXIT_CHECKPOINTED (a signal
+    stopped the run after a checkpoint), EXIT_DIVERGED, or EXIT_FAILED (rank 0 stopped
+    the workers because user code broke its contract; rank 0 itself then raises
+    :class:`ExtensionFailed`)."""
     import torch
 
     from .models import FlatModel, build_model, init_weights, layout
@@ -365,7 +370,7 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
         writer.path = resume_path
     loop.writer = writer
     try:
-        return EXIT_OK if loop.run(start_round) else EXIT_CHECKPOINTED
+        return loop.run(start_round)
     finally:
         writer.close()
         if stop is not None:

@@ -45,7 +45,7 @@ import uuid
 import yaml
 
 from .config import from_mapping
-from .protocol import EXIT_BAD_INPUT, EXIT_FINISHED, EXIT_OK
+from .protocol import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_FINISHED, EXIT_OK
 from .results import status
 from .schema import ConfigError, apply_override, read_file
 
@@ -122,7 +122,7 @@ def expand(grid: dict, path: str = "sweep") -> list[dict]:
 def run_args(grid: dict, entry: dict) -> list[str] | None:
     """fedmpi.run arguments for ``entry``; None when it has finished."""
     state, _ = status(entry["out"])
-    if state == "done":
+    if state in ("done", "diverged"):  # a diverged run ended: resuming it would diverge again
         return None
     if state == "partial":
         return ["--resume", entry["out"]]
@@ -148,7 +148,7 @@ def write_manifest(grid_path: str, grid: dict, entries: list[dict], states: dict
 
 
 def file_states(entries: list[dict]) -> dict[int, dict]:
-    """index -> {"state": pending | partial | done, "rounds": rounds in the file}."""
+    """index -> {"state": pending | partial | done | diverged, "rounds": rounds in the file}."""
     states = {}
     for entry in entries:
         state, rounds = status(entry["out"])
@@ -240,7 +240,7 @@ class SweepQueue:
                 continue
             if sessions is not None and record.get("session") == sessions:
                 states[index] = {**states[index], **{k: v for k, v in record.items() if k not in ("index", "session")}}
-            elif record.get("state") == "failed" and states[index]["state"] != "done":
+            elif record.get("state") == "failed" and states[index]["state"] not in ("done", "diverged"):
                 states[index] = {**states[index], "state": "failed", "error": record.get("error")}
         return states
 
@@ -301,7 +301,7 @@ def main(argv: list | None = None) -> int:
                 command = [*shlex.split(args.launcher), sys.executable, "-m", "fedmpi.run", *found, "--quiet"]
                 print(f"[{entry['index']}] {shlex.join(found)}", flush=True)
                 code = subprocess.call(command)
-                if code != 0:
+                if code not in (EXIT_OK, EXIT_DIVERGED):  # a diverged run is a result, not a failure
                     print(f"fedmpi: sweep entry {entry['index']} exited with status {code}", file=sys.stderr)
                     return code
             return EXIT_OK

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedmpi.attacks import Attack, alie, alie_zmax
+from fedmpi.attacks import Attack, Param, ServerContext, alie, alie_zmax
 
 
 def byzmean_rows(honest: np.ndarray, f: int, z: float | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -31,16 +31,19 @@ def byzmean_rows(honest: np.ndarray, f: int, z: float | None = None) -> tuple[np
     return target, balance
 
 
-def _on_server(updates: np.ndarray, byzantine: np.ndarray, params: Mapping) -> None:
+def _on_server(updates: np.ndarray, byzantine: np.ndarray, params: Mapping, context: ServerContext) -> None:
     """Rank 0, every row of the cohort: the Byzantine rows, in slot order, become
-    m1 target rows then m2 balance rows (none without an honest row or a Byzantine one)."""
+    m1 target rows then m2 balance rows, computed from the honest rows that arrived
+    finite (``context.honest``; the server drops the others). Nothing changes
+    without such an honest row or without a Byzantine one."""
     slots = np.flatnonzero(byzantine)
-    if len(slots) == 0 or len(slots) == len(byzantine):
+    if len(slots) == 0 or not context.honest.any():
         return
-    target, balance = byzmean_rows(updates[~byzantine], len(slots), params.get("z"))
+    target, balance = byzmean_rows(updates[context.honest], len(slots), params["z"])
     m1 = len(slots) // 2
     updates[slots[:m1]] = target.astype(updates.dtype)
     updates[slots[m1:]] = balance.astype(updates.dtype)
 
 
-byzmean = Attack("Xu et al. 2022 (ByzMean, SignGuard paper) over ALIE", params={"z": None}, on_server=_on_server)
+byzmean = Attack("Xu et al. 2022 (ByzMean, SignGuard paper) over ALIE", params={"z": Param(float, None)},
+                 on_server=_on_server)

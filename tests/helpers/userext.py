@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedmpi.aggregation import AggregationResult, clip, krum, median
-from fedmpi.attacks import ATTACKS, Attack
+from fedmpi.attacks import ATTACKS, Attack, Param
 from fedmpi.data import load_digits_arrays, split_train_test
 from fedmpi.extensions import declare
 
@@ -73,7 +73,7 @@ def server_momentum(update: np.ndarray, *, state: dict, beta: float = 0.9) -> np
     return state["momentum"]
 
 
-alie_attack = Attack("ALIE, as user code", {"z": None}, on_server=ATTACKS["alie"].on_server)
+alie_attack = Attack("ALIE, as user code", {"z": Param(float, None)}, on_server=ATTACKS["alie"].on_server)
 
 
 def digits(*, test_fraction: float = 0.2) -> tuple:
