@@ -195,10 +195,9 @@ def _centered_gram(updates: np.ndarray, rows: np.ndarray | None = None, center: 
     sub = updates if rows is None else updates[rows]
     k = sub.shape[0]
     if center is None:
-        with np.errstate(over="ignore"):
-            center = sub.sum(axis=0, dtype=sub.dtype).astype(np.float64) / k
+        center = mean_row(sub)
         if not np.isfinite(center).all():  # float32 rows near the top of their range overflowed the sum
-            center = sub.sum(axis=0, dtype=np.float64) / k
+            center = mean_row(sub, wide=True)
 
     def block_gram(cols, block):
         block -= center[cols]
@@ -208,6 +207,17 @@ def _centered_gram(updates: np.ndarray, rows: np.ndarray | None = None, center: 
     for part in _for_blocks(sub, block_gram):
         gram += part
     return gram
+
+
+def mean_row(rows: np.ndarray, wide: bool = False) -> np.ndarray:
+    """The mean row, float64, summed row by row in the rows' own precision (in float64
+    when ``wide``); column by column, so any column block of the rows gives the same
+    values for its columns."""
+    k = rows.shape[0]
+    if wide:
+        return rows.sum(axis=0, dtype=np.float64) / k
+    with np.errstate(over="ignore"):
+        return rows.sum(axis=0, dtype=rows.dtype).astype(np.float64) / k
 
 
 def _gram_to_sq_distances(gram: np.ndarray) -> np.ndarray:
@@ -359,7 +369,7 @@ def multi_krum(updates: np.ndarray, f: int, m: int | None = None) -> Aggregation
 
 def _coordinatewise(updates: np.ndarray, keep_lo: int, keep_hi: int) -> tuple[np.ndarray, np.ndarray]:
     """Per coordinate, sort the n values and average positions keep_lo..keep_hi-1.
-    Also return, per row, the fraction of coordinates where its value was kept."""
+    Also return, per row, the number of coordinates where its value was kept."""
     n, d = updates.shape
     out = np.empty(d)
 
@@ -371,7 +381,7 @@ def _coordinatewise(updates: np.ndarray, keep_lo: int, keep_hi: int) -> tuple[np
     kept = np.zeros(n)
     for part in _for_blocks(updates, block_stats):
         kept += part
-    return out, kept / d
+    return out, kept
 
 
 def median(updates: np.ndarray) -> AggregationResult:
@@ -381,7 +391,7 @@ def median(updates: np.ndarray) -> AggregationResult:
     n = updates.shape[0]
     lo, hi = (n - 1) // 2, n // 2 + 1
     vector, kept = _coordinatewise(updates, lo, hi)
-    return AggregationResult(vector, selected=np.flatnonzero(kept > 0), scores=kept)
+    return AggregationResult(vector, selected=np.flatnonzero(kept > 0), scores=kept / updates.shape[1])
 
 
 def trimmed_mean(updates: np.ndarray, f: int) -> AggregationResult:
@@ -392,7 +402,7 @@ def trimmed_mean(updates: np.ndarray, f: int) -> AggregationResult:
     n = updates.shape[0]
     check_f("trimmed_mean", n, f)
     vector, kept = _coordinatewise(updates, f, n - f)
-    return AggregationResult(vector, selected=np.flatnonzero(kept > 0), scores=kept)
+    return AggregationResult(vector, selected=np.flatnonzero(kept > 0), scores=kept / updates.shape[1])
 
 
 def meamed(updates: np.ndarray, f: int) -> AggregationResult:
@@ -409,18 +419,27 @@ def meamed(updates: np.ndarray, f: int) -> AggregationResult:
     updates = _as_updates(updates)
     n, d = updates.shape
     check_f("meamed", n, f)
+    vector, kept = closest_to_median(updates, n - f)
+    kept /= d
+    return AggregationResult(vector, selected=np.flatnonzero(kept > 0), scores=kept)
+
+
+def closest_to_median(updates: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per coordinate, the mean of the ``keep`` values closest to the coordinate's median
+    (ties to the lowest row), in float64; and per row, the number of coordinates where
+    its value was among them. Column by column: a column block gives its columns' values."""
+    n, d = updates.shape
     out = np.empty(d)
 
     def block_mean(cols, block):
-        order = np.argsort(np.abs(block - np.median(block, axis=0)), axis=0, kind="stable")[: n - f]
+        order = np.argsort(np.abs(block - np.median(block, axis=0)), axis=0, kind="stable")[:keep]
         out[cols] = np.take_along_axis(block, order, axis=0).mean(axis=0)
         return np.bincount(order.ravel(), minlength=n)
 
     kept = np.zeros(n)
     for part in _for_blocks(updates, block_mean):
         kept += part
-    kept /= d
-    return AggregationResult(out, selected=np.flatnonzero(kept > 0), scores=kept)
+    return out, kept
 
 
 def geometric_median(updates: np.ndarray, weights: np.ndarray | None = None, *, smoothing: float = 1e-6,
@@ -444,41 +463,64 @@ def geometric_median(updates: np.ndarray, weights: np.ndarray | None = None, *, 
     updates = _as_updates(updates)
     n, d = updates.shape
     w = _normalised_weights(weights, n)
-    alpha = w.copy()
-    iterations, converged, recenters = 0, False, 0
+    run = Weiszfeld(w, d, smoothing, tol, max_iter)
     center = None
-    while True:
-        gram = _centered_gram(updates, center=center)
+    while not run.iterate(_centered_gram(updates, center=center)):
+        center = weighted_sum(updates, run.alpha)
+    return AggregationResult(weighted_sum(updates, run.alpha), **run.outcome())
+
+
+class Weiszfeld:
+    """The smoothed Weiszfeld iterations of :func:`geometric_median` on the iterate's
+    weights ``alpha`` over the rows, given Gram matrices of the rows centered at some
+    point; the caller computes each Gram matrix (over the whole rows, or combined from
+    column blocks) and the new center, the weighted sum of the rows by ``alpha``."""
+
+    def __init__(self, w: np.ndarray, d: int, smoothing: float, tol: float, max_iter: int):
+        self.w, self.d, self.smoothing, self.tol, self.max_iter = w, d, smoothing, tol, max_iter
+        self.alpha = w.copy()
+        self.iterations, self.converged, self.recenters = 0, False, 0
+        self.dist = None
+
+    def iterate(self, gram: np.ndarray) -> bool:
+        """Iterate on ``gram``; True when done, False when the Gram matrix must be rebuilt
+        around the current iterate (``alpha``) first."""
+        w, smoothing = self.w, self.smoothing
         diag = np.diag(gram)
 
-        def sq_distances(a: np.ndarray, gram: np.ndarray = gram, diag: np.ndarray = diag) -> np.ndarray:
+        def sq_distances(a: np.ndarray) -> np.ndarray:
             ga = gram @ a
             return np.maximum(a @ ga - 2.0 * ga + diag, 0.0)
 
+        alpha = self.alpha
         dist = np.sqrt(sq_distances(alpha))
-        converged = False
-        while iterations < max_iter:
-            iterations += 1
+        self.converged = False
+        while self.iterations < self.max_iter:
+            self.iterations += 1
             beta = w / np.maximum(smoothing, dist)
             new_alpha = beta / beta.sum()
             step = new_alpha - alpha
             moved = math.sqrt(max(float(step @ (gram @ step)), 0.0))  # |v_new - v_old|
             alpha = new_alpha
             dist = np.sqrt(sq_distances(alpha))
-            if moved <= tol * float(np.median(dist)):
-                converged = True
+            if moved <= self.tol * float(np.median(dist)):
+                self.converged = True
                 break
+        self.alpha, self.dist = alpha, dist
         # digits left in each |v - x_j|^2 after cancelling terms of size G_jj and a^T G a
         spread = diag + float(alpha @ (gram @ alpha))
-        lost = dist ** 2 < _RECENTER_RTOL * math.sqrt(d) * spread
-        if not lost[alpha > 0].any() or recenters == 3 or iterations >= max_iter:
-            break
-        center = weighted_sum(updates, alpha)
-        recenters += 1
-    beta = w / np.maximum(smoothing, dist)
-    return AggregationResult(weighted_sum(updates, alpha), selected=np.flatnonzero(alpha > 0), scores=beta / beta.sum(),
-                             info={"iterations": iterations, "converged": converged, "objective": float(w @ dist),
-                                   "recenters": recenters})
+        lost = dist ** 2 < _RECENTER_RTOL * math.sqrt(self.d) * spread
+        if not lost[alpha > 0].any() or self.recenters == 3 or self.iterations >= self.max_iter:
+            return True
+        self.recenters += 1
+        return False
+
+    def outcome(self) -> dict:
+        """``selected``, ``scores`` and ``info`` of the result."""
+        beta = self.w / np.maximum(self.smoothing, self.dist)
+        return {"selected": np.flatnonzero(self.alpha > 0), "scores": beta / beta.sum(),
+                "info": {"iterations": self.iterations, "converged": self.converged,
+                         "objective": float(self.w @ self.dist), "recenters": self.recenters}}
 
 
 def bulyan(updates: np.ndarray, f: int) -> AggregationResult:
@@ -494,25 +536,24 @@ def bulyan(updates: np.ndarray, f: int) -> AggregationResult:
     n = updates.shape[0]
     check_f("bulyan", n, f)
     dist = pairwise_sq_distances(updates)
-    theta, beta = n - 2 * f, n - 4 * f
+    chosen = bulyan_selection(dist, f)
+    out = closest_to_median(updates[chosen], n - 4 * f)[0]
+    return AggregationResult(out, selected=chosen, scores=krum_scores(dist, f))
+
+
+def bulyan_selection(dist: np.ndarray, f: int) -> np.ndarray:
+    """Bulyan's step 1 on the (n, n) squared distances: theta = n - 2f rows, each the
+    Krum choice among the rows not yet selected; sorted."""
+    n = len(dist)
     remaining = list(range(n))
     chosen = []
-    for _ in range(theta):
+    for _ in range(n - 2 * f):
         sub = dist[np.ix_(remaining, remaining)]
         scores = krum_scores(sub, f)
         pick = remaining[int(_rank(scores)[0])]
         chosen.append(pick)
         remaining.remove(pick)
-    chosen = np.sort(np.array(chosen))
-    selected_rows = updates[chosen]
-    out = np.empty(updates.shape[1])
-
-    def closest_to_median(cols, block):
-        order = np.argsort(np.abs(block - np.median(block, axis=0)), axis=0, kind="stable")[:beta]
-        out[cols] = np.take_along_axis(block, order, axis=0).mean(axis=0)
-
-    _for_blocks(selected_rows, closest_to_median)
-    return AggregationResult(out, selected=chosen, scores=krum_scores(dist, f))
+    return np.sort(np.array(chosen))
 
 
 def centered_clipping(updates: np.ndarray, tau: float, iterations: int = 1,
@@ -557,8 +598,13 @@ def nnm_neighbours(updates: np.ndarray, f: int) -> np.ndarray:
     updates = _as_updates(updates)
     n = updates.shape[0]
     check_f("nnm", n, f)
-    dist = pairwise_sq_distances(updates)
-    return np.stack([np.sort(_rank(dist[i])[: n - f]) for i in range(n)])
+    return nearest_rows(pairwise_sq_distances(updates), n - f)
+
+
+def nearest_rows(dist: np.ndarray, keep: int) -> np.ndarray:
+    """(n, keep) indices: for each row of the (n, n) squared distances, its ``keep``
+    nearest rows (itself included), ties by index, sorted."""
+    return np.stack([np.sort(_rank(dist[i])[:keep]) for i in range(len(dist))])
 
 
 def average_groups(updates: np.ndarray, groups: list) -> np.ndarray:
