@@ -18,21 +18,23 @@ from .architectures import ARCHITECTURES, count_params
 from .attacks import ATTACKS
 from .data import FederatedData
 from .schema import Config, ConfigError
+from .sharded.layout import BlockLayout
 from .system import available_memory
 
 
-def preflight(cfg: Config, rank: int, new_file: bool = True) -> FederatedData:
+def preflight(cfg: Config, rank: int, new_file: bool = True, ranks: int = 1, local_ranks: int = 1) -> FederatedData:
     """Check ``cfg`` against the world and load this rank's data (training data on
     every rank, the test set on rank 0). ``new_file``: the run creates its results
-    file (not a resume)."""
+    file (not a resume). ``ranks``: the world size; ``local_ranks``: ranks on this
+    node (they share its memory)."""
     if rank == 0 and new_file:
         check_output_path(cfg)
     data_mod.check_files(cfg)
     check_device(cfg)
     data = data_mod.load(cfg, need_train=True, need_test=rank == 0)
     check_model(cfg, data)
-    if rank == 0:
-        check_memory(cfg, data)
+    if rank == 0 or cfg.transport == "sharded":
+        check_memory(cfg, data, rank, ranks, local_ranks)
     return data
 
 
@@ -66,39 +68,89 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def server_memory(cfg: Config, data: FederatedData) -> tuple[int, int, int]:
-    """(bytes of update rows, other bytes rank 0 will allocate, parameters d): an estimate
-    made before the first round. Rows: cohort x d x 4 (none with transport: reduce);
-    the rest from the registries: each pre-aggregation step's float64 rows, what the
-    rule allocates, the honest rows an omniscient attack copies."""
-    d = count_params(cfg.model, data.input_shape, data.num_classes)
+def _cohort_bound(cfg: Config) -> int:
     k = cfg.clients.per_round
     if cfg.clients.sampling == "poisson":  # the cohort varies: allow for a large one
         k = min(cfg.clients.total, int(k + 6 * math.sqrt(k) + 1))
+    return k
+
+
+def server_memory(cfg: Config, data: FederatedData) -> tuple[int, int, int]:
+    """(bytes of update rows, other bytes rank 0 will allocate, parameters d): an estimate
+    made before the first round, with ``transport: gather`` or ``reduce``.
+    Rows: cohort x d x 4 (none with transport: reduce); the rest from the registries:
+    each pre-aggregation step's float64 rows, what the rule allocates, the honest rows
+    an omniscient attack copies."""
+    d = count_params(cfg.model, data.input_shape, data.num_classes)
+    k = _cohort_bound(cfg)
     rows = 0 if cfg.transport == "reduce" else k * d * 4
-    other = 8 * d * 8  # weights, aggregate, optimizer state, checkpoint slots, center...
+    return rows, 8 * d * 8 + _rule_memory(cfg, k, d), d
+
+
+def _rule_memory(cfg: Config, k: int, width: int) -> int:
+    """Bytes the steps, the rule and an omniscient attack allocate over ``width`` columns
+    of k rows: each step's float64 rows, the rule's own, the honest rows copied."""
     g = cfg.aggregator
-    n = k
+    other, n = 0, k
     for step in g.pre:
         n = PRE_STEPS[step.name].rows_after(n, step)
-        other += n * d * 8
-    other += RULES[g.name].memory(n, d, g.f)
+        other += n * width * 8
+    other += RULES[g.name].memory(n, width, g.f)
     if ATTACKS[cfg.attack.name].needs_rows:
-        other += k * d * 4  # the honest rows, copied
-    return rows, other, d
+        other += k * width * 4  # the honest rows, copied
+    return other
 
 
-def check_memory(cfg: Config, data: FederatedData) -> None:
-    """Rank 0: refuse, before any work, a run whose rows would not fit its budget."""
-    rows, other, d = server_memory(cfg, data)
+def sharded_memory(cfg: Config, d: int, rank: int, ranks: int) -> tuple[int, int, int]:
+    """(bytes of update columns, bytes of training rows, other bytes) that ``rank`` of
+    ``ranks`` will allocate with ``transport: sharded``: its blocks' columns of every
+    row (cohort x w x 4, w = its share of the d columns); the rows it trains (k_r x d x
+    4, none on rank 0 of several ranks: its share of the cohort is zero); what the steps,
+    the rule and an attack allocate over its w columns; the n x n float64 matrices of
+    the block tree (at most one partial per tree level, plus rank 0's distances, Krum's
+    sorted copy and the Gram matrix: log2(blocks) + 6 of them); the model vectors
+    (weights, their broadcast copy, optimizer state, gathered checkpoint state)."""
+    from .protocol import slot_counts
+
+    k = _cohort_bound(cfg)
+    layout = BlockLayout(d, cfg.shard_block, ranks)
+    width = layout.width(rank)
+    training = slot_counts(k, ranks)[rank] * d * 4 if ranks > 1 else 0
+    matrices = (math.ceil(math.log2(layout.blocks)) + 6) * k * k * 8 if layout.blocks > 1 else 6 * k * k * 8
+    return k * width * 4, training, 8 * d * 8 + _rule_memory(cfg, k, width) + matrices
+
+
+def check_memory(cfg: Config, data: FederatedData, rank: int = 0, ranks: int = 1, local_ranks: int = 1) -> None:
+    """Refuse, before any work, a run whose rows would not fit the budget: rank 0's with
+    ``transport: gather`` or ``reduce``; every rank's with ``transport: sharded``, where
+    each holds its blocks' columns (the node's available memory is shared among the
+    ranks on it unless ``memory_limit_gb`` gives each rank's budget)."""
     resident = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    need = rows + other + resident + (128 << 20)  # + model, gradients, evaluation batches
+    sharded = cfg.transport == "sharded"
+    d = count_params(cfg.model, data.input_shape, data.num_classes)
+    if sharded:
+        rows, training, other = sharded_memory(cfg, d, rank, ranks)
+    else:
+        rows, other, d = server_memory(cfg, data)
+        training = 0
+    need = rows + training + other + resident + (128 << 20)  # + model, gradients, evaluation batches
     if cfg.memory_limit_gb is not None:
         budget, what = int(cfg.memory_limit_gb * 2**30), f"memory_limit_gb = {cfg.memory_limit_gb:g}"
+    elif sharded and local_ranks > 1:
+        budget, what = available_memory() // local_ranks + resident, f"this node's available memory / {local_ranks} ranks"
     else:
         budget, what = available_memory() + resident, "the memory available on this node"
-    if need > budget:
+    if need <= budget:
+        return
+    if sharded:
+        width = BlockLayout(d, cfg.shard_block, ranks).width(rank)
         raise ConfigError("clients.per_round", cfg.clients.per_round,
-                          f"rank 0 would need about {_gib(need)}: {_gib(rows)} of update rows (cohort x {d} parameters "
-                          f"x 4 bytes) plus {_gib(need - rows)} of working memory, over its budget of {_gib(budget)} "
-                          f"({what}); lower clients.per_round, use transport: reduce (FedAvg), or raise memory_limit_gb")
+                          f"rank {rank} of {ranks} would need about {_gib(need)}: {_gib(rows)} of update columns (cohort x "
+                          f"its {width} of the {d} parameters x 4 bytes), {_gib(training)} of the rows it trains, plus "
+                          f"{_gib(need - rows - training)} of working memory, over its budget of {_gib(budget)} ({what}); "
+                          "lower clients.per_round, use more ranks (on more nodes), or raise memory_limit_gb")
+    raise ConfigError("clients.per_round", cfg.clients.per_round,
+                      f"rank 0 would need about {_gib(need)}: {_gib(rows)} of update rows (cohort x {d} parameters "
+                      f"x 4 bytes) plus {_gib(need - rows)} of working memory, over its budget of {_gib(budget)} "
+                      f"({what}); lower clients.per_round, use transport: reduce (FedAvg) or sharded, or raise "
+                      "memory_limit_gb")

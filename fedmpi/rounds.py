@@ -17,6 +17,7 @@ state in ``.state`` (checkpointed):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,8 @@ class Updates:
     float64 sum of n_i * update_i (``transport: reduce``). ``records``: (K, R)
     float64 rows of :data:`fedmpi.protocol.RECORD_FIELDS`. ``counts``: slots per
     rank. ``byzantine``: which slots hold a Byzantine client. ``norms``: the L2 norm
-    of each slot's update as received."""
+    of each slot's update as received. ``shard``: ``transport: sharded``, this rank's
+    columns of the rows (:class:`fedmpi.sharded.columns.Columns`)."""
 
     cohort: np.ndarray
     records: np.ndarray
@@ -43,6 +45,7 @@ class Updates:
     total: np.ndarray | None = None
     byzantine: np.ndarray | None = None
     norms: np.ndarray | None = None
+    shard: Any = None
 
     def record(self, name: str) -> np.ndarray:
         return self.records[:, RECORD[name]]
@@ -57,12 +60,15 @@ class Aggregate:
     """An aggregator's decision: the (d,) float64 ``vector`` the server optimizer
     applies; per slot, whether the vector used its update (``selected``) and the
     rule's score for it (NaN where none); ``clipped``: per-slot clipping that the
-    aggregator itself did (central DP), replacing the clients' records."""
+    aggregator itself did (central DP), replacing the clients' records. ``norm``: the
+    L2 norm of the whole aggregate where ``vector`` holds only this rank's columns
+    (``transport: sharded``)."""
 
     vector: np.ndarray
     selected: np.ndarray
     scores: np.ndarray
     clipped: np.ndarray | None = None
+    norm: float | None = None
 
 
 class RuleAggregator:

@@ -34,7 +34,7 @@ import traceback
 import yaml
 
 from . import config as config_mod
-from .comm import connect, launcher_rank, prepare_environment
+from .comm import connect, launcher_local_size, launcher_rank, launcher_size, prepare_environment
 from .data import DataError
 from .preflight import preflight
 from .protocol import EXIT_BAD_INPUT, EXIT_CHECKPOINTED, EXIT_FAILED, EXIT_OK
@@ -137,7 +137,7 @@ def main(argv: list | None = None) -> int:
             if rank == 0:
                 sys.stdout.write(cfg.to_yaml())
             return EXIT_OK
-        data = preflight(cfg, rank, new_file=resume is None)
+        data = preflight(cfg, rank, new_file=resume is None, ranks=launcher_size(), local_ranks=launcher_local_size())
         import torch  # noqa: F401 - every rank needs it; importing before MPI starts overlaps the ranks' imports
         if rank == 0 and cfg.privacy.target_epsilon is not None:
             calibrated = (resume["attrs"]["dp_noise_multiplier"] if resume is not None
@@ -221,7 +221,9 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
 
     from .models import FlatModel, build_model, init_weights, layout
     from .protocol import RoundMessages
-    from .worker import ClientHost, LocalClients, RemoteClients, serve
+    from .sharded.layout import BlockLayout
+    from .sharded.round import ShardContext, ShardedWorker
+    from .worker import ClientHost, LocalClients, RemoteClients, ShardedClients, serve
 
     torch.set_num_threads(cfg.threads)
     _single_threaded_blas()
@@ -233,10 +235,13 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
     weights = init_weights(module, cfg.seed).copy() if comm.rank == 0 else None
     model = FlatModel(module, choose_device(cfg, comm))
     reduce = cfg.transport == "reduce"
+    blocks = BlockLayout(model.size, cfg.shard_block, comm.size) if cfg.transport == "sharded" else None
+    messages = RoundMessages(comm, model.size, reduce, blocks) if comm.size > 1 else None
     if comm.rank != 0:
         # rank 0 decides when to stop (after a checkpoint) and tells the workers
         _on_stop_signals(lambda name: None)
-        return serve(RoundMessages(comm, model.size, reduce), ClientHost(cfg, data, model)) == EXIT_CHECKPOINTED
+        sharded = ShardedWorker(cfg, model.size, messages) if blocks is not None else None
+        return serve(messages, ClientHost(cfg, data, model), sharded) == EXIT_CHECKPOINTED
 
     from .results import ResultsWriter, read_checkpoint
     from .server import ServerLoop
@@ -244,7 +249,9 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
     if comm.size == 1:
         clients = LocalClients(ClientHost(cfg, data, model), model.size, reduce)
     else:
-        clients = RemoteClients(RoundMessages(comm, model.size, reduce))
+        clients = RemoteClients(messages)
+    if blocks is not None:
+        clients = ShardedClients(cfg, ShardContext(blocks, comm, messages), clients if comm.size == 1 else None)
     loop = ServerLoop(cfg, clients, data, model, weights, writer=None, quiet=quiet)
     _on_stop_signals(lambda name: setattr(loop, "stop_signal", name))
     specs = [{"name": s.name, "shape": list(s.shape), "offset": s.offset, "numel": s.numel} for s in layout(module)]

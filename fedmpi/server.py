@@ -42,6 +42,7 @@ from .protocol import EXIT_CHECKPOINTED, EXIT_OK
 from .results import ClientRecords, ResultsWriter, RoundRecord, progress_line
 from .rounds import Aggregate, PresummedMean, RuleAggregator, Updates
 from .schema import Config
+from .sharded.round import ShardedAggregator, ShardedServerOptimizer
 from .training import evaluate
 
 
@@ -55,14 +56,35 @@ def sample_cohort(cfg: Config, round_index: int) -> np.ndarray:
     return np.sort(g.choice(c.total, size=c.per_round, replace=False)).astype(np.int64)
 
 
-def build_aggregator(cfg: Config, size: int):
+def build_aggregator(cfg: Config, size: int, clients=None):
     """The aggregator a config asks for: central client-level DP, the pre-summed mean
-    of ``transport: reduce``, or the rule with its pre-aggregation steps."""
+    of ``transport: reduce``, the rule with its pre-aggregation steps over the rows, or
+    over column blocks (``transport: sharded``; ``clients.context`` says which)."""
     if cfg.privacy.mode == "client_central":
         return CentralDP(cfg, size)
     if cfg.transport == "reduce":
         return PresummedMean(cfg, size)
+    if cfg.transport == "sharded":
+        return ShardedAggregator(cfg, size, clients.context)
     return RuleAggregator(cfg, size)
+
+
+def build_optimizer(cfg: Config, size: int, clients=None):
+    """The server optimizer over the whole model, or over rank 0's columns of it with
+    the other columns stepped where they live (``transport: sharded``)."""
+    if cfg.transport == "sharded":
+        return ShardedServerOptimizer(cfg.server, clients.context)
+    return ServerOptimizer(cfg.server, size)
+
+
+def _load_part(holder, values: dict) -> None:
+    """A checkpoint's part of the state into an optimizer or aggregator: in place, or
+    through ``load_state`` where the state lives in columns on every rank."""
+    if hasattr(holder, "load_state"):
+        holder.load_state(values)
+        return
+    for key, value in holder.state.items():
+        value[...] = values[key]
 
 
 @dataclass
@@ -104,8 +126,8 @@ class ServerLoop:
                  writer: ResultsWriter | None, quiet: bool = False):
         self.cfg, self.clients, self.data, self.model = cfg, clients, data, model
         self.weights, self.writer, self.quiet = weights, writer, quiet
-        self.optimizer = ServerOptimizer(cfg.server, model.size)
-        self.aggregator = build_aggregator(cfg, model.size)
+        self.optimizer = build_optimizer(cfg, model.size, clients)
+        self.aggregator = build_aggregator(cfg, model.size, clients)
         a = cfg.attack
         self.attack = attacks.ATTACKS[a.name]
         self.byzantine_ids = attacks.byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients)
@@ -130,9 +152,8 @@ class ServerLoop:
 
     def load_state(self, weights: np.ndarray, state: dict) -> None:
         self.weights[:] = weights
-        for part, values in (("optimizer", self.optimizer.state), ("aggregator", self.aggregator.state)):
-            for key, value in values.items():
-                value[...] = state[f"{part}/{key}"]
+        for part, holder in (("optimizer", self.optimizer), ("aggregator", self.aggregator)):
+            _load_part(holder, {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(part + "/")})
         if self.accountant is not None:
             self.accountant.load_state({k.split("/", 1)[1]: v for k, v in state.items() if k.startswith("accountant/")})
 
@@ -153,8 +174,8 @@ class ServerLoop:
                       f"{self.writer.path}; continue with: python -m fedmpi.run --resume {self.writer.path}",
                       file=sys.stderr, flush=True)
                 return False
-        self.clients.stop(EXIT_OK)
         self.writer.checkpoint(self.cfg.rounds - 1, self.weights, self.state())  # lets --resume extend the run
+        self.clients.stop(EXIT_OK)  # after the checkpoint: sharded state is gathered from the workers
         self.writer.finish(self.cfg.rounds - 1, self.weights, self.final_privacy())
         if not self.quiet:
             print(f"done: {self.cfg.rounds - start_round} rounds in {time.perf_counter() - run_start:.1f} s; "
@@ -220,7 +241,7 @@ class ServerLoop:
         collect_s = clock.laps["collect"]
         row = RoundRecord(
             round=r, cohort_size=k, test_accuracy=evaluation.test_accuracy, test_loss=evaluation.test_loss,
-            train_loss=train_loss, update_norm=float(np.linalg.norm(result.vector)),
+            train_loss=train_loss, update_norm=result.norm if result.norm is not None else float(np.linalg.norm(result.vector)),
             byzantine_in_cohort=int(updates.byzantine.sum()),
             byzantine_selected=int((updates.byzantine & result.selected).sum()),
             epsilon=privacy.epsilon, epsilon_median=privacy.epsilon_median, delta=p.delta if dp else np.nan,
