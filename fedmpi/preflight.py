@@ -108,8 +108,10 @@ def sharded_memory(cfg: Config, d: int, rank: int, ranks: int) -> tuple[int, int
     4, none on rank 0 of several ranks: its share of the cohort is zero); what the steps,
     the rule and an attack allocate over its w columns; the n x n float64 matrices of
     the block tree (at most one partial per tree level, plus rank 0's distances, Krum's
-    sorted copy and the Gram matrix: log2(blocks) + 6 of them); the model vectors
-    (weights, their broadcast copy, optimizer state, gathered checkpoint state)."""
+    sorted copy and the Gram matrix: log2(blocks) + 6 of them); whole-model vectors
+    (the weights, the model's parameters and gradients, a checkpoint's gathered state:
+    4 x d x 8) and its columns of the float64 ones (aggregate, optimizer and rule state:
+    8 x w x 8)."""
     from .protocol import slot_counts
 
     k = _cohort_bound(cfg)
@@ -117,7 +119,7 @@ def sharded_memory(cfg: Config, d: int, rank: int, ranks: int) -> tuple[int, int
     width = layout.width(rank)
     training = slot_counts(k, ranks)[rank] * d * 4 if ranks > 1 else 0
     matrices = (math.ceil(math.log2(layout.blocks)) + 6) * k * k * 8 if layout.blocks > 1 else 6 * k * k * 8
-    return k * width * 4, training, 8 * d * 8 + _rule_memory(cfg, k, width) + matrices
+    return k * width * 4, training, 4 * d * 8 + 8 * width * 8 + _rule_memory(cfg, k, width) + matrices
 
 
 def check_memory(cfg: Config, data: FederatedData, rank: int = 0, ranks: int = 1, local_ranks: int = 1) -> None:

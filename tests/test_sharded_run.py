@@ -15,7 +15,7 @@ from fedmpi import aggregation as agg
 from fedmpi import attacks
 from fedmpi.config import load
 from fedmpi.protocol import RECORD, RECORD_FIELDS
-from fedmpi.results import CLIENT_FIELDS, ROUND_FIELDS
+from fedmpi.results import CLIENT_FIELDS, ROUND_FIELDS, read_checkpoint
 from fedmpi.rounds import RuleAggregator, Updates
 
 HELPER = REPO / "tests" / "helpers" / "sharded_rules.py"
@@ -85,3 +85,93 @@ def test_every_rule_and_step_over_blocks_matches_the_rank_0_path(rule_runs, case
     np.testing.assert_allclose(scores[finite], expected.scores[finite], rtol=1e-12)
     for key, value in aggregator.state.items():
         np.testing.assert_allclose(got[f"state/{key}"], value, rtol=1e-12, atol=1e-12 * np.abs(value).max())
+
+
+# ---------------------------------------------------------------------------- whole runs
+
+# Centered clipping after NNM under ALIE, FedAdam: distances, an attack on the columns,
+# and state in the optimizer and in the rule; 75 blocks of 16 columns (d = 1210).
+RUN = ["--set", "clients.total=12", "--set", "clients.per_round=12", "--set", "model.hidden=[16]",
+       "--set", "aggregator.name=centered_clipping", "--set", "aggregator.tau=0.5", "--set", "aggregator.iterations=2",
+       "--set", "aggregator.pre=[{name: nnm}]", "--set", "attack.name=alie", "--set", "attack.fraction=0.25",
+       "--set", "server.optimizer=fedadam", "--set", "shard_block=16", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("sharded_runs")
+    out = {}
+    for name, ranks, transport in (("s2", 2, "sharded"), ("s3", 3, "sharded"), ("s5", 5, "sharded"),
+                                   ("g3", 3, "gather")):
+        proc = run_job(ranks, [*RUN, "--set", "rounds=3", "--set", f"transport={transport}",
+                               *([] if transport == "sharded" else ["--set", "shard_block=4096"]), "--out", f"{name}.h5"], cwd)
+        assert proc.returncode == 0, proc.stderr
+        out[name] = cwd / f"{name}.h5"
+    out["cwd"] = cwd
+    return out
+
+
+def _fields(path):
+    with h5py.File(path, "r", libver="latest", swmr=True) as f:
+        values = {f"{g}/{k}": f[g][k][:] for g, fields in (("rounds", ROUND_FIELDS), ("clients", CLIENT_FIELDS))
+                  for k in fields if k not in TIMING}
+        values["model/final"] = f["model/final"][:]
+    round_index, weights, state = read_checkpoint(str(path))["history"]["checkpoint"]
+    values.update({f"checkpoint/{k}": np.asarray(v) for k, v in state.items()})
+    values["checkpoint/weights"], values["checkpoint/round"] = weights, np.array([round_index])
+    return values
+
+
+def test_sharded_runs_are_bitwise_the_same_at_2_3_and_5_ranks(runs):
+    reference = _fields(runs["s3"])
+    assert {"checkpoint/optimizer/m", "checkpoint/optimizer/v", "checkpoint/aggregator/center"} <= set(reference)
+    for name in ("s2", "s5"):
+        other = _fields(runs[name])
+        for key, value in reference.items():
+            assert value.tobytes() == other[key].tobytes(), f"{key} differs between 3 ranks and {name}"
+
+
+def test_a_sharded_run_decides_as_the_gathered_run(runs):
+    sharded, gathered = _fields(runs["s3"]), _fields(runs["g3"])
+    for key in ("clients/selected", "clients/byzantine", "clients/client_id", "rounds/byzantine_selected"):
+        assert np.array_equal(sharded[key], gathered[key]), key
+    for key in ("clients/score", "clients/update_norm", "rounds/update_norm"):
+        np.testing.assert_allclose(sharded[key], gathered[key], rtol=1e-12, err_msg=key)
+    np.testing.assert_allclose(sharded["model/final"], gathered["model/final"], rtol=1e-6, atol=1e-7)
+    for key in ("checkpoint/optimizer/m", "checkpoint/optimizer/v", "checkpoint/aggregator/center"):
+        # the state gathered from the ranks' columns, in the layout of the whole model
+        np.testing.assert_allclose(sharded[key], gathered[key], rtol=1e-6, atol=1e-12, err_msg=key)
+    assert np.isfinite(sharded["rounds/test_accuracy"]).all()
+
+
+def test_resume_with_sharded_state_on_another_rank_count_is_exact(runs):
+    cwd = runs["cwd"]
+    first = run_job(2, [*RUN, "--set", "rounds=2", "--set", "transport=sharded", "--out", "part.h5"], cwd)
+    assert first.returncode == 0, first.stderr
+    resumed = run_job(5, ["--resume", "part.h5", "--set", "rounds=3", "--quiet"], cwd)
+    assert resumed.returncode == 0, resumed.stderr
+    reference, other = _fields(runs["s3"]), _fields(cwd / "part.h5")
+    for key, value in reference.items():
+        assert value.tobytes() == other[key].tobytes(), f"{key} differs after resuming"
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+MEMORY = ["--set", "clients.total=100", "--set", "clients.per_round=100", "--set", "model.hidden=[14000]",
+          "--set", "rounds=1", "--set", "memory_limit_gb=0.55", "--quiet"]
+
+
+def test_the_memory_check_accepts_on_sharded_ranks_what_rank_0_cannot_hold(tmp_path):
+    """d = 1,050,010 and a cohort of 100: 0.39 GiB of rows. Rank 0 alone is refused at
+    0.55 GiB; over 4 ranks each holds a quarter of the columns (rank 0 trains nothing,
+    each worker a third of the cohort) and the run goes ahead."""
+    refused = run_job(None, [*MEMORY, "--out", "g.h5"], tmp_path)
+    assert refused.returncode == 2 and not (tmp_path / "g.h5").exists()
+    assert "rank 0 would need about" in refused.stderr and "0.39 GiB of update rows" in refused.stderr
+    accepted = run_job(4, [*MEMORY, "--set", "transport=sharded", "--out", "s.h5"], tmp_path)
+    assert accepted.returncode == 0, accepted.stderr
+    with h5py.File(tmp_path / "s.h5", "r", libver="latest", swmr=True) as f:
+        assert f["rounds/round"].shape == (1,) and f["model/final"].shape == (1_050_010,)
+    tight = run_job(4, [*MEMORY, "--set", "transport=sharded", "--set", "memory_limit_gb=0.4", "--out", "t.h5"], tmp_path)
+    assert tight.returncode == 2 and "rank 1 of 4 would need about" in tight.stderr and "(on rank 1)" in tight.stderr
