@@ -683,8 +683,8 @@ def bench_sharded(quick: bool = False) -> list[dict]:
                          f"{max(r['maxrss'] for r in gathered) / 2**20:.0f} MiB"))
     costs = _block_costs(block)
     bandwidth = results["sharded", 4][0]["bandwidth"]
-    moved = n * d * 4 * 3 / 4  # what crosses between ranks in the 4-rank exchange
-    alltoall = moved / max(results["sharded", 4][0]["transfer_s"], 1e-9)
+    received = n * (d / 4) * 4 * 3 / 4  # what one of 4 ranks receives from the 3 others in the exchange
+    alltoall = received / max(results["sharded", 4][0]["transfer_s"], 1e-9)  # per rank
     for name in ("gram", "median", "meamed", "weighted_sum"):
         rows.append(_row("sharded", f"per-block cost, {name}, n = {costs['n']}, {block} columns, 1 core", costs[name],
                          float("nan"), "s", float("nan"), "-", None))
@@ -693,7 +693,8 @@ def bench_sharded(quick: bool = False) -> list[dict]:
     rows.append(_row("sharded", "Krum scores on rank 0, n = 2048", costs["krum_scores_2048"], float("nan"), "s",
                      float("nan"), "-", None))
     for label, value in (("tree message (8 MiB, rank 1 -> 0)", bandwidth["p2p_Bps"]),
-                         ("weights columns gather", bandwidth["gather_columns_Bps"]), ("Alltoallw exchange", alltoall)):
+                         ("weights columns gather", bandwidth["gather_columns_Bps"]),
+                         ("Alltoallw exchange, received per rank", alltoall)):
         rows.append(_row("sharded", f"bandwidth, {label}, 4 ranks", value / 1e9, float("nan"), "GB/s", float("nan"), "-",
                          None))
     for p in _projection(costs, bandwidth, alltoall):

@@ -249,3 +249,33 @@ def test_one_process_group_is_the_same_as_simulated_ranks():
     threaded = _sharded(rows, 4, 8, lambda c: SHARDED_RULES["multi_krum"](c, f=F))
     assert alone.vector.tobytes() == np.concatenate([o.vector for o in threaded]).tobytes()
     assert alone.scores.tobytes() == threaded[0].scores.tobytes()
+
+
+# ---------------------------------------------------------------------------- the memory check
+
+
+class _MnistShape:
+    input_shape, num_classes = (1, 28, 28), 10
+
+
+def test_the_memory_check_accepts_2000_clients_of_a_4_2m_model_sharded_where_rank_0_alone_is_refused():
+    """The run rank 0 refuses (a cohort of 2,000 of a 4,237,360-parameter MLP: 31.6 GiB of
+    rows, over 22.6 GiB) fits that budget per rank on 8 ranks with transport: sharded;
+    on 2 a worker still needs more (its 1,000 trained rows plus half the columns)."""
+    from fedmpi.config import load
+    from fedmpi.preflight import check_memory, sharded_memory
+    from fedmpi.schema import ConfigError
+
+    base = ["data.name=mnist", "clients.total=2000", "clients.per_round=2000", "model.hidden=[5330]",
+            "aggregator.name=krum", "aggregator.f=100", "memory_limit_gb=22.6"]
+    with pytest.raises(ConfigError, match=r"rank 0 would need about 3\d\.\d\d GiB: 31\.57 GiB of update rows"):
+        check_memory(load(None, base), _MnistShape())
+    cfg = load(None, [*base, "transport=sharded"])
+    for rank in range(8):
+        check_memory(cfg, _MnistShape(), rank, 8)
+    d = 4_237_360
+    columns, training, _ = sharded_memory(cfg, d, 0, 8)
+    assert training == 0 and columns == 2000 * (BlockLayout(d, 4096, 8).width(0)) * 4
+    assert abs(columns / (2000 * d * 4) - 1 / 8) < 0.01  # rank 0: an eighth of the rows
+    with pytest.raises(ConfigError, match="rank 1 of 2 would need about"):
+        check_memory(cfg, _MnistShape(), 1, 2)
