@@ -14,9 +14,15 @@ Rules
 - :func:`geometric_median`: smoothed Weiszfeld, RFA (Pillutla et al. 2022).
 - :func:`bulyan`: El Mhamdi et al. 2018.
 - :func:`centered_clipping`: Karimireddy et al. 2021.
+- :func:`mda`: minimum diameter averaging (El Mhamdi et al. 2021).
+- :func:`monna`: MoNNA's nearest-neighbour averaging (Farhadkhani et al. 2023).
 
 Pre-aggregation (rows in, rows out): :func:`nnm` (Allouah et al. 2023),
-:func:`bucketing` (Karimireddy et al. 2022), :func:`clip`.
+:func:`bucketing` (Karimireddy et al. 2022), :func:`clip`, :func:`arc` (adaptive
+robust clipping, Allouah et al. 2024).
+
+Every row a run aggregates has passed :func:`norms_and_finite`: a row with a
+non-finite coordinate never reaches a rule (:mod:`fedmpi.rounds`).
 
 :data:`RULES` and :data:`PRE_STEPS` register each rule and step with what the
 run needs to know about it (its paper, the config keys it reads, what it
@@ -143,11 +149,41 @@ def weighted_sum(updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 def row_norms(updates: np.ndarray) -> np.ndarray:
     """L2 norm of each row, accumulated in float64 (1e30-scale rows do not overflow)."""
+    return norms_and_finite(updates)[0]
+
+
+def norms_and_finite(updates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(norms, finite): each row's L2 norm, accumulated in float64, and whether every
+    coordinate of the row is finite, in one pass over the rows by column block.
+
+    Every update a run receives goes through this check (rank 0 for gathered rows,
+    the workers before they pre-sum for ``transport: reduce``). A row holding a NaN
+    has norm NaN, one holding an infinity (and no NaN) norm inf. For float32 (or
+    narrower) rows the float64 sum of squares is finite exactly when every
+    coordinate is: |x| <= 3.4e38 gives x^2 <= 1.2e77, far below float64's overflow,
+    so the finite test costs nothing beyond the norm. Wider rows, whose finite
+    values can overflow when squared, are tested coordinate by coordinate.
+
+    >>> norms_and_finite(np.array([[3.0, 4.0], [np.inf, 0.0], [np.nan, 1.0]], dtype=np.float32))
+    (array([ 5., inf, nan]), array([ True, False, False]))
+    """
     updates = _as_updates(updates)
+    narrow = updates.dtype.itemsize <= 4
+
+    def block_stats(cols, block):
+        with np.errstate(over="ignore", invalid="ignore"):
+            sq = np.einsum("ij,ij->i", block, block)
+        return sq, None if narrow else np.isfinite(block).all(axis=1)
+
     sq = np.zeros(updates.shape[0])
-    for part in _for_blocks(updates, lambda cols, block: np.einsum("ij,ij->i", block, block)):
+    finite = np.ones(updates.shape[0], dtype=bool)
+    for part, ok in _for_blocks(updates, block_stats):
         sq += part
-    return np.sqrt(sq)
+        if ok is not None:
+            finite &= ok
+    if narrow:
+        finite = np.isfinite(sq)
+    return np.sqrt(sq), finite
 
 
 def _worker_threads() -> int:
@@ -307,6 +343,23 @@ def check_f(name: str, n: int, f: int) -> None:
         raise ValueError(f"{name} needs {entry.requirement}; got n = {n}, f = {f}")
 
 
+def unmet_requirement(aggregator: Any, n: int, f: int) -> str | None:
+    """Why the pre-aggregation steps and then the rule of ``aggregator`` (the
+    ``aggregator`` config section: ``name``, ``pre``, ``m``...) cannot run on n rows
+    of which f may be Byzantine; None when they can. The registry entries say what each
+    needs; config validation (n: the cohort size) and the round (n: the finite rows it
+    received) both ask here."""
+    for step in aggregator.pre:
+        entry = PRE_STEPS[step.name]
+        if entry.min_rows is not None and n < entry.min_rows(f):
+            return f"{step.name} needs {entry.requirement} (rows reaching it: {n})"
+        n = entry.rows_after(n, step)
+    entry = RULES[aggregator.name]
+    if entry.min_rows is not None and n < entry.min_rows(f):
+        return f"{aggregator.name} needs {entry.requirement}; got n = {n}, f = {f} (n: rows per round reaching the aggregator)"
+    return entry.limit(n, f, aggregator) if entry.limit is not None else None
+
+
 # --------------------------------------------------------------------------- rules
 
 
@@ -349,6 +402,10 @@ def krum(updates: np.ndarray, f: int) -> AggregationResult:
     scores = krum_scores(pairwise_sq_distances(updates), f)
     best = int(_rank(scores)[0])
     return AggregationResult(updates[best].astype(np.float64), selected=np.array([best]), scores=scores)
+
+
+def _multi_krum_limit(n: int, m: int | None) -> str | None:
+    return None if m is None or m <= n else f"multi_krum averages m = {m} rows; got n = {n}"
 
 
 def multi_krum(updates: np.ndarray, f: int, m: int | None = None) -> AggregationResult:
@@ -664,104 +721,7 @@ def clip(updates: np.ndarray, max_norm: float) -> np.ndarray:
     return out
 
 
-# --------------------------------------------------------------------------- pre-aggregation as steps
-
-
-@dataclass
-class Regrouped:
-    """What a pre-aggregation step did to the rows: the new rows; for steps that mix
-    rows, ``groups[r]`` lists the input rows averaged into new row r; ``row_of[i]``
-    is the new row that stands for input row i (None: the same index)."""
-
-    rows: np.ndarray
-    groups: list | None = None
-    row_of: np.ndarray | None = None
-
-
-def nnm_step(updates: np.ndarray, f: int) -> Regrouped:
-    groups = list(nnm_neighbours(updates, f))
-    return Regrouped(average_groups(updates, groups), groups)
-
-
-def bucketing_step(updates: np.ndarray, bucket_size: int, rng: np.random.Generator) -> Regrouped:
-    groups = bucket_assignment(len(updates), bucket_size, rng)
-    position = np.empty(len(updates), dtype=np.int64)
-    for b, group in enumerate(groups):
-        position[group] = b
-    return Regrouped(average_groups(updates, groups), groups, position)
-
-
-def clip_step(updates: np.ndarray, max_norm: float) -> Regrouped:
-    return Regrouped(clip(updates, max_norm))
-
-
-# --------------------------------------------------------------------------- registries
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A robust aggregation rule as the run uses it.
-
-    ``function(rows, **kwargs)`` returns an :class:`AggregationResult`; ``reads`` names
-    its keyword arguments: ``weights`` (client sample counts), ``f``, ``aggregator.*``
-    keys, and the names of the state it keeps. ``min_rows(f)`` / ``requirement``: the
-    rows it needs. ``init_state(d)`` / ``next_state(result)``: state kept between rounds
-    (checkpointed). ``needs_rows``: False only where a pre-summed weighted total is
-    enough (``transport: reduce``). ``memory(n, d, f)``: bytes it allocates beyond
-    the rows, for rank 0's memory estimate.
-    """
-
-    function: Callable[..., AggregationResult]
-    paper: str
-    reads: tuple[str, ...] = ()
-    min_rows: Callable[[int], int] | None = None
-    requirement: str = ""
-    init_state: Callable[[int], dict] | None = None
-    next_state: Callable[[AggregationResult], dict] | None = None
-    needs_rows: bool = True
-    memory: Callable[[int, int, int], int] = lambda n, d, f: 0
-
-
-@dataclass(frozen=True)
-class PreStep:
-    """A pre-aggregation step: ``function(rows, **kwargs)`` returns :class:`Regrouped`;
-    ``reads``: ``f``, ``rng`` (keyed by seed, round and step) and ``aggregator.pre[i].*``
-    keys; ``rows_after(n, step)``: rows it hands on; it allocates a float64 copy of them."""
-
-    function: Callable[..., Regrouped]
-    paper: str
-    reads: tuple[str, ...] = ()
-    rows_after: Callable[[int, Any], int] = lambda n, step: n
-    min_rows: Callable[[int], int] | None = None
-    requirement: str = ""
-
-
-RULES: dict[str, Rule] = {
-    "fedavg": Rule(fedavg, "McMahan et al. 2017", reads=("weights",), needs_rows=False),
-    "krum": Rule(krum, "Blanchard et al. 2017", reads=("f",), min_rows=lambda f: 2 * f + 3, requirement="n >= 2f + 3"),
-    "multi_krum": Rule(multi_krum, "Blanchard et al. 2017", reads=("f", "m"), min_rows=lambda f: 2 * f + 3,
-                       requirement="n >= 2f + 3"),
-    "median": Rule(median, "Yin et al. 2018"),
-    "trimmed_mean": Rule(trimmed_mean, "Yin et al. 2018", reads=("f",), min_rows=lambda f: 2 * f + 1, requirement="2f < n"),
-    "meamed": Rule(meamed, "Xie et al. 2018 (mean around median)", reads=("f",), min_rows=lambda f: 2 * f + 1,
-                   requirement="2f < n"),
-    "geometric_median": Rule(geometric_median, "Pillutla et al. 2022 (RFA)", reads=("weights", "smoothing", "tol", "max_iter")),
-    "bulyan": Rule(bulyan, "El Mhamdi et al. 2018", reads=("f",), min_rows=lambda f: 4 * f + 3, requirement="n >= 4f + 3",
-                   memory=lambda n, d, f: max(0, n - 2 * f) * d * 4),
-    "centered_clipping": Rule(centered_clipping, "Karimireddy et al. 2021", reads=("tau", "iterations", "center"),
-                              init_state=lambda d: {"center": np.zeros(d)},
-                              next_state=lambda result: {"center": result.vector.copy()}),
-}
-
-PRE_STEPS: dict[str, PreStep] = {
-    "nnm": PreStep(nnm_step, "Allouah et al. 2023", reads=("f",), min_rows=lambda f: f + 1, requirement="f < n"),
-    "bucketing": PreStep(bucketing_step, "Karimireddy et al. 2022", reads=("bucket_size", "rng"),
-                         rows_after=lambda n, step: math.ceil(n / step.bucket_size)),
-    "clip": PreStep(clip_step, "static norm clipping", reads=("max_norm",)),
-}
-
-
-# =========================================================================== extra rules
+# --------------------------------------------------------------------------- MDA, MoNNA, ARC
 # Minimum Diameter Averaging, MoNNA and Adaptive Robust Clipping. Same conventions as
 # the rules above: (n, d) rows in, never modified, float64 distances, ties by lowest
 # index, ValueError on an invalid f.
@@ -775,20 +735,13 @@ MDA_MAX_SUBSETS = 500_000
 _MDA_BATCH = 1 << 13
 
 
-def check_f_extra(rule: str, n: int, f: int) -> None:
-    """Like :func:`check_f`, for the rules of this section (mda, monna, arc), which
-    all need an honest majority: 2f < n."""
-    check_f(rule, n, f)
-    if rule in ("mda", "monna", "arc") and n < 2 * f + 1:
-        raise ValueError(f"{rule} needs 2f < n; got n = {n}, f = {f}")
-
-
-def _finite_rows(updates: np.ndarray) -> np.ndarray:
-    """(n,) bool: whether every coordinate of the row is finite (one pass, by column block)."""
-    ok = np.ones(updates.shape[0], dtype=bool)
-    for part in _for_blocks(updates, lambda cols, block: np.isfinite(block).all(axis=1)):
-        ok &= part
-    return ok
+def _mda_limit(n: int, f: int, aggregator: Any = None) -> str | None:
+    """Why a run refuses MDA on n rows with f: more than MDA_MAX_SUBSETS subsets."""
+    subsets = math.comb(n, f)
+    if subsets <= MDA_MAX_SUBSETS:
+        return None
+    return (f"mda searches C(n, f) = C({n}, {f}) = {subsets} subsets, more than its bound of {MDA_MAX_SUBSETS} "
+            "(about one second a round); lower aggregator.f or clients.per_round")
 
 
 def _sq_distances_finite(updates: np.ndarray) -> np.ndarray:
@@ -796,7 +749,7 @@ def _sq_distances_finite(updates: np.ndarray) -> np.ndarray:
     +inf away from every other row (0 from itself) instead of turning every distance
     into NaN through the shared mean row."""
     n = updates.shape[0]
-    ok = _finite_rows(updates)
+    ok = norms_and_finite(updates)[1]
     if ok.all():
         return pairwise_sq_distances(updates)
     dist = np.full((n, n), np.inf)
@@ -878,12 +831,22 @@ def mda(updates: np.ndarray, f: int, max_subsets: int = MDA_MAX_SUBSETS) -> Aggr
     """
     updates = _as_updates(updates)
     n = updates.shape[0]
-    check_f_extra("mda", n, f)
+    check_f("mda", n, f)
     subsets = math.comb(n, f)
     if subsets > max_subsets:
         raise ValueError(f"mda: C(n, f) = C({n}, {f}) = {subsets} subsets of n - f = {n - f} rows to search, "
                          f"more than the bound max_subsets = {max_subsets} (MDA_MAX_SUBSETS)")
-    sq = _sq_distances_finite(updates)
+    chosen, best_rows, best, ties = mda_search(_sq_distances_finite(updates), f)
+    return AggregationResult(_mean_of(updates, chosen), selected=chosen, scores=np.sqrt(best_rows),
+                             info={"diameter": math.sqrt(best), "subsets": subsets, "ties": ties})
+
+
+def mda_search(sq: np.ndarray, f: int) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """MDA's exhaustive search on the (n, n) squared distances (+inf for a non-finite
+    row): (the chosen n - f rows, per row the smallest squared diameter of a subset
+    containing it, the chosen squared diameter, the subsets tied with it)."""
+    n = len(sq)
+    subsets = math.comb(n, f)
     keep = n - f
     iu = np.triu_indices(n, 1)
     pair_sq = sq[iu]
@@ -920,8 +883,7 @@ def mda(updates: np.ndarray, f: int, max_subsets: int = MDA_MAX_SUBSETS) -> Aggr
     masks = np.concatenate([c[1] for c in candidates])
     tied = (diam <= best * (1.0 + _TIE_RTOL)) | (diam == best)
     chosen = np.flatnonzero(masks[tied][_lexicographic_first(masks[tied])])
-    return AggregationResult(_mean_of(updates, chosen), selected=chosen, scores=np.sqrt(best_rows),
-                             info={"diameter": math.sqrt(best), "subsets": subsets, "ties": int(tied.sum())})
+    return chosen, best_rows, best, int(tied.sum())
 
 
 def sq_distances_to(updates: np.ndarray, point: np.ndarray) -> np.ndarray:
@@ -979,7 +941,7 @@ def monna(updates: np.ndarray, f: int, pivot: int | np.ndarray | None = None) ->
     """
     updates = _as_updates(updates)
     n, d = updates.shape
-    check_f_extra("monna", n, f)
+    check_f("monna", n, f)
     pivot_row = None
     if pivot is None:
         kind, point = "median", median(updates).vector
@@ -1005,6 +967,22 @@ def arc_count(n: int, f: int) -> int:
     return (2 * f * (n - f)) // n
 
 
+def arc_factors(norms: np.ndarray, f: int) -> np.ndarray:
+    """ARC's per-row scaling factors from the rows' norms: the k = arc_count(n, f) largest
+    scaled to the (k+1)-th largest norm, the others 1."""
+    n = len(norms)
+    k = arc_count(n, f)
+    factors = np.ones(n)
+    if k:
+        key = np.where(np.isnan(norms), np.inf, norms)
+        order = np.lexsort((np.arange(n), -key))  # largest norm first, ties by lowest index
+        threshold = float(norms[order[k]])
+        top = order[:k]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            factors[top] = np.where(norms[top] > threshold, threshold / norms[top], 1.0)
+    return factors
+
+
 def arc(updates: np.ndarray, f: int) -> np.ndarray:
     """Adaptive Robust Clipping (Allouah, Guerraoui, Gupta, Jellouli, Rizk and
     Stephan, "Boosting Robustness by Clipping Gradients in Distributed Learning",
@@ -1027,17 +1005,8 @@ def arc(updates: np.ndarray, f: int) -> np.ndarray:
     """
     updates = _as_updates(updates)
     n = updates.shape[0]
-    check_f_extra("arc", n, f)
-    k = arc_count(n, f)
-    norms = row_norms(updates)
-    factors = np.ones(n)
-    if k:
-        key = np.where(np.isnan(norms), np.inf, norms)
-        order = np.lexsort((np.arange(n), -key))  # largest norm first, ties by lowest index
-        threshold = float(norms[order[k]])
-        top = order[:k]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            factors[top] = np.where(norms[top] > threshold, threshold / norms[top], 1.0)
+    check_f("arc", n, f)
+    factors = arc_factors(row_norms(updates), f)
     out = np.empty(updates.shape)
 
     def scale_block(cols, block):
@@ -1046,3 +1015,113 @@ def arc(updates: np.ndarray, f: int) -> np.ndarray:
 
     _for_blocks(updates, scale_block)
     return out
+
+
+# --------------------------------------------------------------------------- pre-aggregation as steps
+
+
+@dataclass
+class Regrouped:
+    """What a pre-aggregation step did to the rows: the new rows; for steps that mix
+    rows, ``groups[r]`` lists the input rows averaged into new row r; ``row_of[i]``
+    is the new row that stands for input row i (None: the same index)."""
+
+    rows: np.ndarray
+    groups: list | None = None
+    row_of: np.ndarray | None = None
+
+
+def nnm_step(updates: np.ndarray, f: int) -> Regrouped:
+    groups = list(nnm_neighbours(updates, f))
+    return Regrouped(average_groups(updates, groups), groups)
+
+
+def bucketing_step(updates: np.ndarray, bucket_size: int, rng: np.random.Generator) -> Regrouped:
+    groups = bucket_assignment(len(updates), bucket_size, rng)
+    position = np.empty(len(updates), dtype=np.int64)
+    for b, group in enumerate(groups):
+        position[group] = b
+    return Regrouped(average_groups(updates, groups), groups, position)
+
+
+def clip_step(updates: np.ndarray, max_norm: float) -> Regrouped:
+    return Regrouped(clip(updates, max_norm))
+
+
+def arc_step(updates: np.ndarray, f: int) -> Regrouped:
+    return Regrouped(arc(updates, f))
+
+
+# --------------------------------------------------------------------------- registries
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A robust aggregation rule as the run uses it.
+
+    ``function(rows, **kwargs)`` returns an :class:`AggregationResult`; ``reads`` names
+    its keyword arguments: ``weights`` (client sample counts), ``f``, ``aggregator.*``
+    keys, and the names of the state it keeps. ``min_rows(f)`` / ``requirement``: the
+    rows it needs. ``init_state(d)`` / ``next_state(result)``: state kept between rounds
+    (checkpointed). ``needs_rows``: False only where a pre-summed weighted total is
+    enough (``transport: reduce``). ``memory(n, d, f)``: bytes it allocates beyond
+    the rows, for rank 0's memory estimate. ``limit(n, f, aggregator)``: why it refuses
+    n rows with f beyond ``min_rows`` (MDA's subset count, Multi-Krum's m), or None.
+    """
+
+    function: Callable[..., AggregationResult]
+    paper: str
+    reads: tuple[str, ...] = ()
+    min_rows: Callable[[int], int] | None = None
+    requirement: str = ""
+    init_state: Callable[[int], dict] | None = None
+    next_state: Callable[[AggregationResult], dict] | None = None
+    needs_rows: bool = True
+    memory: Callable[[int, int, int], int] = lambda n, d, f: 0
+    limit: Callable[[int, int, Any], str | None] | None = None
+
+
+@dataclass(frozen=True)
+class PreStep:
+    """A pre-aggregation step: ``function(rows, **kwargs)`` returns :class:`Regrouped`;
+    ``reads``: ``f``, ``rng`` (keyed by seed, round and step) and ``aggregator.pre[i].*``
+    keys; ``rows_after(n, step)``: rows it hands on; it allocates a float64 copy of them."""
+
+    function: Callable[..., Regrouped]
+    paper: str
+    reads: tuple[str, ...] = ()
+    rows_after: Callable[[int, Any], int] = lambda n, step: n
+    min_rows: Callable[[int], int] | None = None
+    requirement: str = ""
+
+
+RULES: dict[str, Rule] = {
+    "fedavg": Rule(fedavg, "McMahan et al. 2017", reads=("weights",), needs_rows=False),
+    "krum": Rule(krum, "Blanchard et al. 2017", reads=("f",), min_rows=lambda f: 2 * f + 3, requirement="n >= 2f + 3"),
+    "multi_krum": Rule(multi_krum, "Blanchard et al. 2017", reads=("f", "m"), min_rows=lambda f: 2 * f + 3,
+                       requirement="n >= 2f + 3", limit=lambda n, f, g: _multi_krum_limit(n, g.m)),
+    "median": Rule(median, "Yin et al. 2018"),
+    "trimmed_mean": Rule(trimmed_mean, "Yin et al. 2018", reads=("f",), min_rows=lambda f: 2 * f + 1, requirement="2f < n"),
+    "meamed": Rule(meamed, "Xie et al. 2018 (mean around median)", reads=("f",), min_rows=lambda f: 2 * f + 1,
+                   requirement="2f < n"),
+    "geometric_median": Rule(geometric_median, "Pillutla et al. 2022 (RFA)", reads=("weights", "smoothing", "tol", "max_iter")),
+    "bulyan": Rule(bulyan, "El Mhamdi et al. 2018", reads=("f",), min_rows=lambda f: 4 * f + 3, requirement="n >= 4f + 3",
+                   memory=lambda n, d, f: max(0, n - 2 * f) * d * 4),
+    "centered_clipping": Rule(centered_clipping, "Karimireddy et al. 2021", reads=("tau", "iterations", "center"),
+                              init_state=lambda d: {"center": np.zeros(d)},
+                              next_state=lambda result: {"center": result.vector.copy()}),
+    "mda": Rule(mda, "El Mhamdi et al. 2021 (minimum diameter averaging)", reads=("f",), min_rows=lambda f: 2 * f + 1,
+                requirement="2f < n", limit=_mda_limit,
+                memory=lambda n, d, f: min(math.comb(n, f), MDA_MAX_SUBSETS) * f * 4 + _MDA_BATCH * n * (n + 1)),
+    "monna": Rule(monna, "Farhadkhani et al. 2023 (MoNNA)", reads=("f",), min_rows=lambda f: 2 * f + 1,
+                  requirement="2f < n", memory=lambda n, d, f: 2 * d * 8),
+}
+
+PRE_STEPS: dict[str, PreStep] = {
+    "nnm": PreStep(nnm_step, "Allouah et al. 2023", reads=("f",), min_rows=lambda f: f + 1, requirement="f < n"),
+    "bucketing": PreStep(bucketing_step, "Karimireddy et al. 2022", reads=("bucket_size", "rng"),
+                         rows_after=lambda n, step: math.ceil(n / step.bucket_size)),
+    "clip": PreStep(clip_step, "static norm clipping", reads=("max_norm",)),
+    "arc": PreStep(arc_step, "Allouah et al. 2024 (adaptive robust clipping)", reads=("f",), min_rows=lambda f: 2 * f + 1,
+                   requirement="2f < n"),
+}

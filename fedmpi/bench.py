@@ -22,6 +22,10 @@ they can, and medians are reported). Sections:
                out of workers that do not use them).
 ``memory``     peak RSS of rank 0 against cohort x d x 4 bytes for a 1000-client cohort
                of a 1e5-parameter model, with transport gather and reduce.
+``sweep``      the 18-run configs/sweeps/example.yaml as separate ``mpirun -n 3`` launches
+               against one ``mpirun -n 3 ... fedmpi.sweep --in-job`` (3 groups of 1 rank, and
+               1 group of 3): runs per minute, and the share of time spent starting up.
+               Target >= 3x the runs per minute of separate launches.
 ``sharded``    ``transport: sharded`` against the rank-0 path (rows gathered on rank 0) in
                the same run, at 1, 2 and 4 ranks, n = 64 rows of d = 2^20: each rule's
                aggregation time, the transfer (Alltoallw against Gatherv), every rank's peak
@@ -419,6 +423,88 @@ def bench_memory(quick: bool = False) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------- sweep
+
+
+def _timed_lines(cmd: list[str], cwd: str) -> tuple[float, list[tuple[float, str]]]:
+    """Run ``cmd``; (total seconds, [(seconds since the start, line) of its stdout])."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = [(time.perf_counter() - start, line.rstrip("\n")) for line in proc.stdout]
+    stderr = proc.stderr.read()
+    proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])}... failed with status {proc.returncode}: {stderr[-2000:]}")
+    return time.perf_counter() - start, lines
+
+
+def _run_seconds(path: str) -> float:
+    """/run/wall_s: from the results file's creation to the run's end (the run itself)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return float(f["run/wall_s"][()])
+
+
+def bench_sweep(quick: bool = False) -> list[dict]:
+    """configs/sweeps/example.yaml (18 digits runs; 6 with --quick) as separate
+    ``mpirun -n 3 python -m fedmpi.run`` launches, one after another, against one
+    ``mpirun -n 3 python -m fedmpi.sweep --in-job`` with G = 1 (3 groups) and G = 3 (one
+    group). Start-up: of a separate launch, its wall time less the run's /run/wall_s;
+    of an in-job sweep, the time until the job printed its first line (MPI up, torch
+    loaded, the sweep opened). The in-job files are checked against the separate ones."""
+    from .sweep import expand, load_grid, run_args
+
+    grid_path = REPO / "configs" / "sweeps" / "example.yaml"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        grid = load_grid(str(grid_path))
+        grid["config"] = str(REPO / grid["config"])
+        if quick:
+            grid["seeds"] = grid["seeds"][:1]
+        layouts = {"separate": None, "G1": 1, "G3": 3}
+        paths = {}
+        for name in layouts:
+            grid_file = os.path.join(tmp, f"{name}.yaml")
+            with open(grid_file, "w", encoding="utf-8") as fh:
+                json.dump({**grid, "out": os.path.join(tmp, name)}, fh)  # JSON is YAML
+            paths[name] = grid_file
+        entries = expand(load_grid(paths["separate"]))
+        separate_total, separate_startup = 0.0, 0.0
+        for entry in entries:
+            args = run_args(load_grid(paths["separate"]), entry)
+            total, _ = _timed_lines([_mpirun(), "-n", "3", sys.executable, "-m", "fedmpi.run", *args, "--quiet"], tmp)
+            separate_total += total
+            separate_startup += total - _run_seconds(entry["out"])
+        n = len(entries)
+        separate_rate = n / separate_total * 60
+        rows.append(_row("sweep", f"{n} runs as separate mpirun -n 3 launches", separate_rate, separate_rate, "runs/min",
+                         1.0, "-", None, f"{separate_total:.0f} s; start-up and exit {separate_startup / separate_total:.0%} "
+                                         f"of it ({separate_startup / n:.1f} s a run)"))
+        for name, per_run in (("G1", 1), ("G3", 3)):
+            total, lines = _timed_lines([_mpirun(), "-n", "3", sys.executable, "-m", "fedmpi.sweep", paths[name],
+                                         "--in-job", "--ranks-per-run", str(per_run)], tmp)
+            startup = lines[0][0] if lines else total
+            rate = n / total * 60
+            ours = expand(load_grid(paths[name]))
+            identical = sum(_final_model(a["out"]) == _final_model(b["out"]) for a, b in zip(ours, entries))
+            groups = 3 // per_run
+            rows.append(_row("sweep", f"{n} runs in one mpirun -n 3 --in-job, {groups} group{'s' * (groups > 1)} of "
+                             f"{per_run}", rate, separate_rate, "runs/min", rate / separate_rate, ">= 3x",
+                             rate / separate_rate >= 3.0,
+                             f"{total:.0f} s; start-up {startup / total:.0%} of it ({startup:.1f} s once); "
+                             f"/model/final identical to the separate run's in {identical} of {n}"))
+    return rows
+
+
+def _final_model(path: str) -> bytes:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f["model/final"][:].tobytes()
+
+
+
 # --------------------------------------------------------------------------- sharded
 
 SHARDED_F = 8  # Byzantine rows tolerated by the rules that take f (Bulyan: n >= 4f + 3)
@@ -716,7 +802,7 @@ def bench_sharded(quick: bool = False) -> list[dict]:
 
 
 SECTIONS = {"e2e": bench_e2e, "comm": bench_comm, "aggregation": bench_aggregation, "dp": bench_dp,
-            "startup": bench_startup, "memory": bench_memory, "sharded": bench_sharded}
+            "startup": bench_startup, "memory": bench_memory, "sweep": bench_sweep, "sharded": bench_sharded}
 
 
 def _fmt(value) -> str:

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .aggregation import PRE_STEPS, RULES, check_f
+from .aggregation import PRE_STEPS, RULES, unmet_requirement
 from .architectures import ARCHITECTURES
 from .attacks import ATTACKS
 from .data import DATASETS
@@ -41,6 +42,7 @@ from .schema import (
     from_dict,
     plain,
     read_file,
+    replace,
 )
 from .sharded.rules import COLUMNWISE_ATTACKS, SHARDED_RULES, SHARDED_STEPS
 
@@ -79,7 +81,23 @@ def build(data: Mapping) -> Config:
         _check_name(key, _get(cfg, key), registry)
     for i, step in enumerate(cfg.aggregator.pre):
         _check_name(f"aggregator.pre[{i}].name", step.name, PRE_STEPS)
-    return cfg
+    return _typed_attack_params(cfg)
+
+
+def _typed_attack_params(cfg: Config) -> Config:
+    """``attack.params`` converted to the types the attack's entry declares (unknown
+    names, wrong types, values outside the allowed ones: one ConfigError line)."""
+    a = cfg.attack
+    if a.name == "none":  # validate() refuses params without an attack
+        return cfg
+    entry = ATTACKS[a.name]
+    typed = {}
+    for key, value in a.params.items():
+        if key not in entry.params:
+            names = ", ".join(entry.params) or "none"
+            raise ConfigError(f"attack.params.{key}", value, f"unknown parameter for {a.name} (allowed: {names})")
+        typed[key] = entry.params[key].convert(f"attack.params.{key}", value)
+    return replace(cfg, "attack.params", types.MappingProxyType(typed))
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -289,13 +307,6 @@ def _validate_attack(cfg: Config) -> None:
             _require(0 <= cid < total, f"attack.clients[{i}]", cid, f"must be a client id in 0..{total - 1}")
         _require(len(set(clients)) == len(clients), "attack.clients", clients, "must not repeat ids")
         _require(len(clients) < total, "attack.clients", clients, "must leave at least one honest client")
-    entry = ATTACKS[a.name]
-    for key, value in a.params.items():
-        if key not in entry.params:
-            names = ", ".join(entry.params) or "none"
-            raise ConfigError(f"attack.params.{key}", value, f"unknown parameter for {a.name} (allowed: {names})")
-        if key in entry.positive:
-            _positive(f"attack.params.{key}", value)
 
 
 def _validate_aggregator(cfg: Config) -> None:
@@ -311,16 +322,11 @@ def _validate_aggregator(cfg: Config) -> None:
                      f"{step.name} needs max_norm > 0")
         if "bucket_size" in entry.reads:
             _at_least(f"{key}.bucket_size", step.bucket_size, 1)
-        if entry.min_rows is not None:
-            _require(n >= entry.min_rows(g.f), "aggregator.f", g.f,
-                     f"{step.name} needs {entry.requirement} (rows reaching it: {n})")
         n = entry.rows_after(n, step)
-    try:
-        check_f(g.name, n, g.f)
-    except ValueError as exc:
-        raise ConfigError("aggregator.f", g.f, f"{exc} (n: rows per round reaching the aggregator)") from None
     if g.m is not None:
         _require(1 <= g.m <= n, "aggregator.m", g.m, f"must be in 1..{n}")
+    problem = unmet_requirement(g, cfg.clients.per_round, g.f)
+    _require(problem is None, "aggregator.f", g.f, problem)
     _positive("aggregator.tau", g.tau)
     _at_least("aggregator.iterations", g.iterations, 1)
     _positive("aggregator.smoothing", g.smoothing)

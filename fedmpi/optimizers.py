@@ -75,6 +75,8 @@ class ServerOptimizer:
 
     def step(self, weights: np.ndarray, update: np.ndarray) -> None:
         """Apply ``update`` (float64, shape (d,)) to ``weights`` (float32) in place."""
-        direction = self.entry.direction(update, self.state, self.cfg)
-        # float64 sum, rounded once to float32
-        np.add(weights, self.cfg.lr * direction, out=weights, casting="same_kind")
+        # an overflow makes the model non-finite, which the server reports as divergence
+        with np.errstate(over="ignore", invalid="ignore"):
+            direction = self.entry.direction(update, self.state, self.cfg)
+            # float64 sum, rounded once to float32
+            np.add(weights, self.cfg.lr * direction, out=weights, casting="same_kind")

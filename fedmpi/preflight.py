@@ -2,8 +2,9 @@
 
 :func:`preflight` runs on every rank after the config was validated: the results
 path (rank 0), the data files, the device, then the data themselves, the model
-against the data, and rank 0's memory budget. Each problem is one
-:class:`fedmpi.schema.ConfigError` line (exit status 2, no results file).
+against the data, what the attack needs of the data, and rank 0's memory budget.
+Each problem is one :class:`fedmpi.schema.ConfigError` line (exit status 2, no
+results file).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import resource
 from . import data as data_mod
 from .aggregation import PRE_STEPS, RULES
 from .architectures import ARCHITECTURES, count_params
-from .attacks import ATTACKS
+from .attacks import ATTACKS, resolved_params
 from .data import FederatedData
 from .schema import Config, ConfigError
 from .sharded.layout import BlockLayout
@@ -33,6 +34,7 @@ def preflight(cfg: Config, rank: int, new_file: bool = True, ranks: int = 1, loc
     check_device(cfg)
     data = data_mod.load(cfg, need_train=True, need_test=rank == 0)
     check_model(cfg, data)
+    check_attack(cfg, data)
     if rank == 0 or cfg.transport == "sharded":
         check_memory(cfg, data, rank, ranks, local_ranks)
     return data
@@ -62,6 +64,13 @@ def check_model(cfg: Config, data: FederatedData) -> None:
     if problem:
         raise ConfigError("model.name", cfg.model.name, f"{problem}; data.name = {cfg.data.name} gives samples of "
                           f"shape {data.input_shape}")
+
+
+def check_attack(cfg: Config, data: FederatedData) -> None:
+    """What the attack needs of the data (the backdoor: images, a target class)."""
+    entry = ATTACKS[cfg.attack.name]
+    if entry.check is not None:
+        entry.check(resolved_params(cfg), data)
 
 
 def _gib(n: float) -> str:
@@ -96,8 +105,9 @@ def _rule_memory(cfg: Config, k: int, width: int) -> int:
         n = PRE_STEPS[step.name].rows_after(n, step)
         other += n * width * 8
     other += RULES[g.name].memory(n, width, g.f)
-    if ATTACKS[cfg.attack.name].needs_rows:
-        other += k * width * 4  # the honest rows, copied
+    attack = ATTACKS[cfg.attack.name]
+    if attack.needs_rows:
+        other += k * width * 4 + attack.memory(k, width)  # the honest rows, copied, and what the attack's search holds
     return other
 
 

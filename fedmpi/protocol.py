@@ -12,15 +12,16 @@ One round, message by message::
     Ibarrier, waited for asleep         <-------->   (every worker done training)
     gather: rows (K, d) float32         <-Gatherv--  my rows, one buffer
             records (K, R) float64      <-Gatherv--  one row of RECORD_FIELDS per slot
-    reduce: records                     <-Gatherv--
-            sum_i n_i update_i (d,)     <-Reduce---  float64, my slots pre-summed
+    reduce: records                     <-Gatherv--  with each row's norm and finite flag
+            sum_i n_i update_i (d,)     <-Reduce---  float64, my finite slots pre-summed
     sharded: records                    <-Gatherv--
             my blocks' columns (K, w)   <Alltoallw>  every rank: its blocks' columns of every row
-            (then every rank aggregates its blocks, fedmpi.sharded.round; rank 0
-            gathers the new weights' columns; STATE / LOAD headers move the
+            (then every rank checks and aggregates its blocks, fedmpi.sharded.round;
+            rank 0 gathers the new weights' columns; STATE / LOAD headers move the
             sharded server state for checkpoints)
 
-A STOP header carries the exit status every rank then ends with. Which slots a
+A STOP header carries the exit status every rank then ends with (the end of the
+run, a checkpoint after a signal, or divergence). Which slots a
 rank trains depends on the world size, but what a client computes does not
 (its randomness is keyed by seed, round and client id), so the gathered (K, d)
 array is the same for any number of ranks.
@@ -44,12 +45,15 @@ EXIT_FAILED = 1  # a rank raised; the job was aborted with its traceback
 EXIT_BAD_INPUT = 2  # config, data, results file or budget refused before any work
 EXIT_FINISHED = 3  # python -m fedmpi.sweep --args: the entry has finished, nothing to run
 EXIT_CHECKPOINTED = 75  # SIGTERM / SIGUSR1: checkpoint written, continue with --resume (job scripts requeue)
+EXIT_DIVERGED = 4  # the global model (or every honest client's update) became non-finite; the run stopped after that round
 
 CMD_STOP, CMD_ROUND = 0, 1
 CMD_STATE, CMD_LOAD = 2, 3  # transport: sharded: gather / scatter one part of the server state (header[1]: the part)
 
-# One float64 row per cohort slot, sent by the rank that trained it.
-RECORD_FIELDS = ("num_samples", "train_loss", "steps", "train_s", "clipped_fraction", "update_norm")
+# One float64 row per cohort slot, sent by the rank that trained it. update_norm and
+# finite (1.0 / 0.0) are the worker's check of the row, filled for transport: reduce only
+# (rank 0 checks gathered rows itself).
+RECORD_FIELDS = ("num_samples", "train_loss", "steps", "train_s", "clipped_fraction", "update_norm", "finite")
 RECORD = {name: i for i, name in enumerate(RECORD_FIELDS)}
 
 
@@ -63,9 +67,13 @@ def slot_counts(cohort_size: int, world_size: int) -> list[int]:
 
 
 def weighted_total(rows: np.ndarray, records: np.ndarray) -> np.ndarray:
-    """transport: reduce: sum_i n_i * update_i over one rank's slots, float64 (d,)."""
-    if not len(rows):
+    """transport: reduce: sum_i n_i * update_i over one rank's slots whose row is finite
+    (``records``' finite flag), float64 (d,). A non-finite row never enters the sum."""
+    keep = records[:, RECORD["finite"]] > 0
+    if not keep.any():
         return np.zeros(rows.shape[1])
+    if not keep.all():
+        rows, records = rows[keep], records[keep]
     return weighted_sum(rows, records[:, RECORD["num_samples"]])
 
 

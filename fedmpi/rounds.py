@@ -6,7 +6,7 @@ is what an aggregator decided. Every aggregator is a callable
 state in ``.state`` (checkpointed):
 
 - :class:`RuleAggregator`: ``aggregator.pre`` steps, then ``aggregator.name``,
-  over the rows (any rule of :data:`fedmpi.aggregation.RULES`);
+  over the finite rows (any rule of :data:`fedmpi.aggregation.RULES`);
 - :class:`PresummedMean`: ``transport: reduce``, FedAvg from the workers'
   pre-summed weighted total, never the rows;
 - :class:`fedmpi.privacy.client_level.CentralDP`: central client-level DP.
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import seeding
-from .aggregation import PRE_STEPS, RULES
+from .aggregation import PRE_STEPS, RULES, AggregationResult, unmet_requirement
 from .protocol import RECORD
 from .schema import Config
 
@@ -32,11 +32,14 @@ class Updates:
     """One round's cohort as rank 0 holds it, in slot order.
 
     ``rows``: the (K, d) float32 updates (``transport: gather``), or ``total``: the
-    float64 sum of n_i * update_i (``transport: reduce``). ``records``: (K, R)
-    float64 rows of :data:`fedmpi.protocol.RECORD_FIELDS`. ``counts``: slots per
-    rank. ``byzantine``: which slots hold a Byzantine client. ``norms``: the L2 norm
-    of each slot's update as received. ``shard``: ``transport: sharded``, this rank's
-    columns of the rows (:class:`fedmpi.sharded.columns.Columns`)."""
+    float64 sum of n_i * update_i over the finite rows (``transport: reduce``).
+    ``records``: (K, R) float64 rows of :data:`fedmpi.protocol.RECORD_FIELDS`.
+    ``counts``: slots per rank. ``byzantine``: which slots hold a Byzantine client.
+    ``norms``: the L2 norm of each slot's update as received; ``finite``: whether
+    every coordinate of it is finite (None: all are). A slot whose update is not
+    finite never reaches an aggregator's rule, and counts against f. ``shard``:
+    ``transport: sharded``, this rank's columns of the rows
+    (:class:`fedmpi.sharded.columns.Columns`)."""
 
     cohort: np.ndarray
     records: np.ndarray
@@ -45,6 +48,7 @@ class Updates:
     total: np.ndarray | None = None
     byzantine: np.ndarray | None = None
     norms: np.ndarray | None = None
+    finite: np.ndarray | None = None
     shard: Any = None
 
     def record(self, name: str) -> np.ndarray:
@@ -54,25 +58,60 @@ class Updates:
     def samples(self) -> np.ndarray:
         return self.record("num_samples")
 
+    @property
+    def kept(self) -> np.ndarray:
+        """Indices of the slots whose update is finite, in slot order."""
+        return np.arange(len(self.cohort)) if self.finite is None else np.flatnonzero(self.finite)
+
 
 @dataclass
 class Aggregate:
     """An aggregator's decision: the (d,) float64 ``vector`` the server optimizer
     applies; per slot, whether the vector used its update (``selected``) and the
-    rule's score for it (NaN where none); ``clipped``: per-slot clipping that the
-    aggregator itself did (central DP), replacing the clients' records. ``norm``: the
-    L2 norm of the whole aggregate where ``vector`` holds only this rank's columns
-    (``transport: sharded``)."""
+    rule's score for it (NaN where none, +inf for a non-finite update); ``clipped``:
+    per-slot clipping that the aggregator itself did (central DP), replacing the
+    clients' records. ``skipped``: why the rule could not run on the round's finite
+    updates (too few for its requirement); the server then leaves the model and its
+    state as they are. ``norm``: the L2 norm of the whole aggregate where ``vector``
+    holds only this rank's columns (``transport: sharded``)."""
 
     vector: np.ndarray
     selected: np.ndarray
     scores: np.ndarray
     clipped: np.ndarray | None = None
+    skipped: str | None = None
     norm: float | None = None
 
 
+def finite_rows(rows: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """The rows of ``kept`` (sorted indices), as the first len(kept) rows of ``rows``
+    moved up in place (no copy of the cohort: the rows are rank 0's scratch once
+    received); ``rows`` itself when every row is kept."""
+    if len(kept) == len(rows):
+        return rows
+    for position, index in enumerate(kept):
+        if position != index:
+            rows[position] = rows[index]
+    return rows[:len(kept)]
+
+
+def _excluded_scores(k: int, kept: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per-slot scores: ``values`` for the kept slots, +inf for the excluded ones."""
+    scores = np.full(k, np.inf)
+    scores[kept] = values
+    return scores
+
+
+def _skipped(size: int, k: int, kept: np.ndarray, reason: str) -> Aggregate:
+    return Aggregate(np.zeros(size), np.zeros(k, dtype=bool), _excluded_scores(k, kept, np.nan), skipped=reason)
+
+
 class RuleAggregator:
-    """``aggregator.pre`` steps, then ``aggregator.name``, over one round's rows.
+    """``aggregator.pre`` steps, then ``aggregator.name``, over one round's finite rows.
+
+    Rows with a non-finite coordinate are left out and count against f: the steps and
+    the rule run on the K - e finite rows with f - e (at least 0). When those rows do
+    not meet the rule's requirement (its registry entry), the round is skipped.
 
     Holds the only state a rule keeps between rounds (e.g. centered clipping's
     center) in :attr:`state`. Maps the rule's decision back to cohort slots: a
@@ -80,44 +119,93 @@ class RuleAggregator:
     the row that stands for it.
     """
 
+    # the functions of the steps and the rule, by name (fedmpi.sharded.round's subclass
+    # runs them over column blocks)
+    step_functions = {name: entry.function for name, entry in PRE_STEPS.items()}
+
     def __init__(self, cfg: Config, size: int):
         self.cfg = cfg
         self.size = size
         self.rule = RULES[cfg.aggregator.name]
+        self.function = self.rule.function
         self.state: dict[str, np.ndarray] = self.rule.init_state(size) if self.rule.init_state else {}
 
     def __call__(self, updates: Updates, round_index: int) -> Aggregate:
         k = len(updates.cohort)
         if k == 0:  # an empty Poisson cohort leaves the model as it is
             return Aggregate(np.zeros(self.size), np.zeros(0, dtype=bool), np.full(0, np.nan))
+        kept = updates.kept
+        f, problem = self.finite_f(k, kept)
+        if problem is not None:
+            return self.skip(k, kept, problem)
+        rows = finite_rows(updates.rows, kept)
+        result, members, row_of_slot = self.apply(rows, updates.samples[kept].astype(np.float64), f, round_index)
+        if self.rule.next_state is not None:
+            self.state.update(self.rule.next_state(result))
+        return self.to_slots(result, members, row_of_slot, k, kept)
+
+    def finite_f(self, k: int, kept: np.ndarray) -> tuple[int, str | None]:
+        """The f the steps and the rule get when only ``kept`` of the k rows are finite
+        (each left-out row counts against f), and why they cannot run on those rows
+        (None: they can)."""
         g = self.cfg.aggregator
-        rows, weights = updates.rows, updates.samples.astype(np.float64)
-        members = np.eye(k, dtype=bool)  # members[r, slot]: slot's update went into row r
-        row_of_slot = np.arange(k)  # the row that stands for each slot, for scores
+        f = max(0, g.f - (k - len(kept)))
+        return f, unmet_requirement(g, len(kept), f) if len(kept) else "no finite update"
+
+    def skip(self, k: int, kept: np.ndarray, problem: str) -> Aggregate:
+        """A round the rule cannot aggregate: the model and the rule's state stay as they are."""
+        return _skipped(self.size, k, kept, problem)
+
+    def to_slots(self, result: AggregationResult, members: np.ndarray, row_of_slot: np.ndarray, k: int,
+                 kept: np.ndarray) -> Aggregate:
+        """The rule's decision over the kept rows, per cohort slot (+inf scores where left out)."""
+        selected = np.zeros(k, dtype=bool)
+        selected[kept] = members[result.selected].any(axis=0) if result.selected is not None else members.any(axis=0)
+        values = result.scores[row_of_slot] if result.scores is not None else np.nan
+        return Aggregate(result.vector, selected, _excluded_scores(k, kept, values))
+
+    def apply(self, rows: np.ndarray, weights: np.ndarray, f: int, round_index: int):
+        """The steps and the rule over ``rows`` with ``f``, reading (not changing) the
+        rule's state: (AggregationResult, members[r, i]: input row i went into the rule's
+        row r, row_of[i]: the rule's row that stands for input row i)."""
+        g = self.cfg.aggregator
+        k = len(rows)
+        members = np.eye(k, dtype=bool)
+        row_of_slot = np.arange(k)
         for step_index, step in enumerate(g.pre):
             entry = PRE_STEPS[step.name]
-            values = {"f": g.f, "rng": seeding.rng(self.cfg.seed, "bucketing", round_index, step_index),
+            values = {"f": f, "rng": seeding.rng(self.cfg.seed, "bucketing", round_index, step_index),
                       "bucket_size": step.bucket_size, "max_norm": step.max_norm}
-            out = entry.function(rows, **{name: values[name] for name in entry.reads})
+            out = self.step_functions[step.name](rows, **{name: values[name] for name in entry.reads})
             if out.groups is not None:
                 weights = np.array([weights[group].sum() for group in out.groups])
                 members = np.stack([members[group].any(axis=0) for group in out.groups])
                 if out.row_of is not None:
                     row_of_slot = out.row_of[row_of_slot]
             rows = out.rows
-        values = {"weights": weights, "f": g.f, "m": g.m, "tau": g.tau, "iterations": g.iterations,
+        values = {"weights": weights, "f": f, "m": g.m, "tau": g.tau, "iterations": g.iterations,
                   "smoothing": g.smoothing, "tol": g.tol, "max_iter": g.max_iter, **self.state}
-        result = self.rule.function(rows, **{name: values[name] for name in self.rule.reads})
-        if self.rule.next_state is not None:
-            self.state.update(self.rule.next_state(result))
-        selected = members[result.selected].any(axis=0) if result.selected is not None else members.any(axis=0)
-        scores = result.scores[row_of_slot] if result.scores is not None else np.full(k, np.nan)
-        return Aggregate(result.vector, selected, scores)
+        result = self.function(rows, **{name: values[name] for name in self.rule.reads})
+        return result, members, row_of_slot
+
+    def simulate(self, rows: np.ndarray, f: int, round_index: int) -> AggregationResult:
+        """What the steps and the rule would make of ``rows`` with ``f`` (uniform
+        weights; state read, not changed), for full-knowledge attacks. ``selected``
+        lists the input rows the aggregate used. Raises ValueError when the rows do not
+        meet the rule's requirement."""
+        g = self.cfg.aggregator
+        problem = unmet_requirement(g, len(rows), f)
+        if problem is not None:
+            raise ValueError(problem)
+        result, members, _ = self.apply(rows, np.ones(len(rows)), f, round_index)
+        used = members[result.selected].any(axis=0) if result.selected is not None else members.any(axis=0)
+        return AggregationResult(result.vector, selected=np.flatnonzero(used), scores=None, info=result.info)
 
 
 class PresummedMean:
-    """``transport: reduce``: FedAvg from sum_i n_i update_i, which the workers summed;
-    rank 0 never holds the rows. Scores are the slots' FedAvg weights."""
+    """``transport: reduce``: FedAvg from sum_i n_i update_i, which the workers summed
+    over their finite rows; rank 0 never holds the rows. Scores are the slots' FedAvg
+    weights (+inf for a non-finite update, which the workers left out)."""
 
     def __init__(self, cfg: Config, size: int):
         self.size = size
@@ -125,6 +213,15 @@ class PresummedMean:
 
     def __call__(self, updates: Updates, round_index: int) -> Aggregate:
         samples = updates.samples
+        k, kept = len(samples), updates.kept
+        if len(kept) < k:
+            total_samples = samples[kept].sum()
+            if not total_samples:
+                return _skipped(self.size, k, kept, "no finite update")
+            selected = np.zeros(k, dtype=bool)
+            selected[kept] = samples[kept] > 0
+            return Aggregate(updates.total / total_samples, selected,
+                             _excluded_scores(k, kept, samples[kept] / total_samples))
         total_samples = samples.sum()
         if not total_samples:
             return Aggregate(np.zeros(self.size), samples > 0, np.full(len(samples), np.nan))

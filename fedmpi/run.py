@@ -15,10 +15,16 @@ Start-up, in this order:
 3. rank 0 creates the results file and runs the server loop; ranks >= 1 serve
    rounds. With P = 1, rank 0 trains the clients itself.
 
+Steps 1 and 2 are :func:`prepare` and :func:`exchange_status`, step 3
+:func:`run_experiment`; ``fedmpi.sweep --in-job`` runs the same three on each
+group of ranks, one run after another.
+
 An exception on any rank prints that rank's traceback and aborts the whole job
 (``MPI_Abort``), so no rank is left waiting in a collective. SIGTERM or SIGUSR1
 stops the run after the current round and a checkpoint (exit status 75);
-``--resume FILE`` continues it. The exit statuses are :mod:`fedmpi.protocol`'s.
+``--resume FILE`` continues it. A run that diverges (a non-finite global model)
+stops after that round with exit status 4. The exit statuses are
+:mod:`fedmpi.protocol`'s.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import socket
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 
 import yaml
 
@@ -37,7 +44,7 @@ from . import config as config_mod
 from .comm import connect, launcher_local_size, launcher_rank, launcher_size, prepare_environment
 from .data import DataError
 from .preflight import preflight
-from .protocol import EXIT_BAD_INPUT, EXIT_CHECKPOINTED, EXIT_FAILED, EXIT_OK
+from .protocol import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_FAILED, EXIT_OK
 from .results import ResultsError, default_path, run_info
 from .schema import Config, ConfigError, flatten, replace
 
@@ -74,6 +81,9 @@ def resolve_resume(args: argparse.Namespace) -> tuple[Config, dict]:
         info = run_info(path)
     except ResultsError as exc:
         raise ConfigError("--resume", path, str(exc).split(": ", 1)[-1]) from None
+    if info["exit_status"] == EXIT_DIVERGED:
+        raise ConfigError("--resume", path, f"the run diverged and stopped (exit status {EXIT_DIVERGED}); resuming "
+                          "it would diverge again")
     stored = yaml.safe_load(info["config"])
     wanted = config_mod.read_file(args.config) if args.config else yaml.safe_load(info["config"])
     for assignment in args.set:
@@ -123,47 +133,84 @@ def calibrate(cfg: Config, data, quiet: bool) -> float:
     return sigma
 
 
+@dataclass
+class Prepared:
+    """One rank's start of a run, before any MPI traffic: the config (and what the
+    file of a resumed run says), this rank's data, rank 0's calibrated noise, or the
+    one-line error that stops the run."""
+
+    cfg: Config | None = None
+    resume: dict | None = None
+    data: object = None
+    calibrated: float | None = None
+    error: str | None = None
+
+
+def prepare(args: argparse.Namespace, rank: int, ranks: int | None = None, local_ranks: int | None = None) -> Prepared:
+    """Step 1 of the start-up: config, preflight and calibration; a config or data
+    problem becomes ``error``. With ``--print-config`` only the config is resolved.
+    ``ranks`` / ``local_ranks``: the run's ranks, and those on this node (default:
+    the launcher's)."""
+    prepared = Prepared()
+    try:
+        if args.resume:
+            prepared.cfg, prepared.resume = resolve_resume(args)
+        else:
+            prepared.cfg = resolve(args)
+        if args.print_config:
+            return prepared
+        cfg = prepared.cfg
+        prepared.data = preflight(cfg, rank, new_file=prepared.resume is None, ranks=ranks or launcher_size(),
+                                  local_ranks=local_ranks or launcher_local_size())
+        import torch  # noqa: F401 - every rank needs it; importing before MPI starts overlaps the ranks' imports
+        if rank == 0 and cfg.privacy.target_epsilon is not None:
+            prepared.calibrated = (prepared.resume["attrs"]["dp_noise_multiplier"] if prepared.resume is not None
+                                   else calibrate(cfg, prepared.data, args.quiet))
+    except ConfigError as exc:
+        kind = "data error" if isinstance(exc, DataError) else "config error"
+        prepared.error = f"{kind}: {exc}"
+    return prepared
+
+
+def exchange_status(comm, prepared: Prepared) -> tuple[str | None, Config | None, list]:
+    """Step 2: every rank's error, rank 0's calibrated noise and every host name, over
+    ``comm``. Returns (the first error, naming its rank unless 0, or None; the run's
+    config, the same on every rank; each rank's host name)."""
+    comm.barrier_idle()  # ranks done early sleep here instead of spinning while others load
+    statuses = comm.allgather((prepared.error, prepared.calibrated, socket.gethostname()))
+    hosts = [host for _, _, host in statuses]
+    failed = [(r, e) for r, (e, _, _) in enumerate(statuses) if e]
+    if failed:
+        r, message = failed[0]
+        return message + ("" if r == 0 else f" (on rank {r})"), None, hosts
+    run_cfg = prepared.cfg
+    if statuses[0][1] is not None:  # rank 0 calibrated the noise for a target epsilon: the same on every rank
+        run_cfg = replace(run_cfg, "privacy.noise_multiplier", float(statuses[0][1]))
+    return None, run_cfg, hosts
+
+
 def main(argv: list | None = None) -> int:
     args = parse_args(argv)
     prepare_environment()
     rank = launcher_rank()
-    cfg, data, error, calibrated, resume = None, None, None, None, None
-    try:
-        if args.resume:
-            cfg, resume = resolve_resume(args)
-        else:
-            cfg = resolve(args)
-        if args.print_config:
-            if rank == 0:
-                sys.stdout.write(cfg.to_yaml())
-            return EXIT_OK
-        data = preflight(cfg, rank, new_file=resume is None, ranks=launcher_size(), local_ranks=launcher_local_size())
-        import torch  # noqa: F401 - every rank needs it; importing before MPI starts overlaps the ranks' imports
-        if rank == 0 and cfg.privacy.target_epsilon is not None:
-            calibrated = (resume["attrs"]["dp_noise_multiplier"] if resume is not None
-                          else calibrate(cfg, data, args.quiet))
-    except ConfigError as exc:
-        kind = "data error" if isinstance(exc, DataError) else "config error"
-        error = f"{kind}: {exc}"
+    prepared = prepare(args, rank)
+    cfg, resume = prepared.cfg, prepared.resume
+    if args.print_config and prepared.error is None:
+        if rank == 0:
+            sys.stdout.write(cfg.to_yaml())
+        return EXIT_OK
 
     try:
         comm = connect()
     except RuntimeError as exc:
         print(f"fedmpi: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    comm.barrier_idle()  # ranks done early sleep here instead of spinning while others load
-    statuses = comm.allgather((error, calibrated, socket.gethostname()))
-    failed = [(r, e) for r, (e, _, _) in enumerate(statuses) if e]
-    if failed:
+    problem, run_cfg, rank_hosts = exchange_status(comm, prepared)
+    if problem:
         if comm.rank == 0:
-            r, message = failed[0]
-            where = "" if r == 0 else f" (on rank {r})"
-            print(f"fedmpi: {message}{where}", file=sys.stderr, flush=True)
+            print(f"fedmpi: {problem}", file=sys.stderr, flush=True)
         comm.close()
         return EXIT_BAD_INPUT
-    run_cfg = cfg
-    if statuses[0][1] is not None:  # rank 0 calibrated the noise for a target epsilon: the same on every rank
-        run_cfg = replace(cfg, "privacy.noise_multiplier", float(statuses[0][1]))
     if resume is not None and resume["finished"] and cfg.rounds <= _stored_rounds(resume):
         if comm.rank == 0:
             print(f"fedmpi: {args.resume} has finished its {_stored_rounds(resume)} rounds; nothing to resume "
@@ -171,10 +218,10 @@ def main(argv: list | None = None) -> int:
         comm.close()
         return EXIT_OK
 
-    stopped = False
+    status = EXIT_OK
     try:
-        stopped = run_experiment(run_cfg, comm, data, config_yaml=cfg.to_yaml(), quiet=args.quiet,
-                                 resume_path=args.resume, rank_hosts=[host for _, _, host in statuses])
+        status = run_experiment(run_cfg, comm, prepared.data, config_yaml=cfg.to_yaml(), quiet=args.quiet,
+                                resume_path=args.resume, rank_hosts=rank_hosts)
     except BaseException as exc:  # noqa: BLE001 - any failure must take the whole job down
         if isinstance(exc, SystemExit) and not exc.code:
             raise
@@ -184,7 +231,7 @@ def main(argv: list | None = None) -> int:
             comm.abort(EXIT_FAILED)
         return EXIT_FAILED
     comm.close()
-    return EXIT_CHECKPOINTED if stopped else EXIT_OK
+    return status
 
 
 def _stored_rounds(resume: dict) -> int:
@@ -212,11 +259,13 @@ def _run_attrs(cfg: Config, data, rank_hosts: list) -> dict:
 
 
 def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = False, resume_path: str | None = None,
-                   rank_hosts: list | None = None) -> bool:
+                   rank_hosts: list | None = None, stop: StopSignals | None = None) -> int:
     """This rank's part of one run of ``cfg`` (the noise multiplier already calibrated)
     over ``comm``; ``config_yaml``: the config as the user gave it, stored in the file;
-    ``rank_hosts``: each rank's host name. Returns True when a signal stopped the run
-    after a checkpoint."""
+    ``rank_hosts``: each rank's host name; ``stop``: the process's signal handlers when
+    it runs several experiments (else this run installs its own). Returns the exit
+    status rank 0 decided, the same on every rank: EXIT_OK, EXIT_CHECKPOINTED (a signal
+    stopped the run after a checkpoint) or EXIT_DIVERGED."""
     import torch
 
     from .models import FlatModel, build_model, init_weights, layout
@@ -239,9 +288,10 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
     messages = RoundMessages(comm, model.size, reduce, blocks) if comm.size > 1 else None
     if comm.rank != 0:
         # rank 0 decides when to stop (after a checkpoint) and tells the workers
-        _on_stop_signals(lambda name: None)
+        if stop is None:
+            _on_stop_signals(lambda name: None)
         sharded = ShardedWorker(cfg, model.size, messages) if blocks is not None else None
-        return serve(messages, ClientHost(cfg, data, model), sharded) == EXIT_CHECKPOINTED
+        return serve(messages, ClientHost(cfg, data, model), sharded)
 
     from .results import ResultsWriter, read_checkpoint
     from .server import ServerLoop
@@ -253,7 +303,10 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
     if blocks is not None:
         clients = ShardedClients(cfg, ShardContext(blocks, comm, messages), clients if comm.size == 1 else None)
     loop = ServerLoop(cfg, clients, data, model, weights, writer=None, quiet=quiet)
-    _on_stop_signals(lambda name: setattr(loop, "stop_signal", name))
+    if stop is None:
+        _on_stop_signals(lambda name: setattr(loop, "stop_signal", name))
+    else:
+        stop.loop, loop.stop_signal = loop, stop.name
     specs = [{"name": s.name, "shape": list(s.shape), "offset": s.offset, "numel": s.numel} for s in layout(module)]
     attrs = _run_attrs(cfg, data, rank_hosts or [socket.gethostname()])
     path, history, start_round = cfg.output.path, None, 0
@@ -279,9 +332,11 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
         writer.path = resume_path
     loop.writer = writer
     try:
-        return not loop.run(start_round)
+        return loop.run(start_round)
     finally:
         writer.close()
+        if stop is not None:
+            stop.loop = None
 
 
 def _single_threaded_blas() -> None:
@@ -294,6 +349,23 @@ def _single_threaded_blas() -> None:
     except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
         return
     threadpool_limits(1, user_api="blas")
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 for a process that runs one experiment after another
+    (``fedmpi.sweep --in-job``): ``name`` holds the first signal received; the run in
+    progress on this rank (``loop``, set by :func:`run_experiment` on a run's rank 0)
+    checkpoints and stops after its current round."""
+
+    def __init__(self):
+        self.name: str | None = None
+        self.loop = None
+        _on_stop_signals(self._received)
+
+    def _received(self, name: str) -> None:
+        self.name = self.name or name
+        if self.loop is not None:
+            self.loop.stop_signal = name
 
 
 def _on_stop_signals(callback) -> None:

@@ -154,7 +154,7 @@ class AttackConfig:
     name: str = "none"  # an entry of fedmpi.attacks.ATTACKS
     fraction: float | None = None  # share of clients.total that is Byzantine (seeded draw), or
     clients: tuple[int, ...] | None = None  # the Byzantine client ids
-    params: Mapping[str, float] = field(default_factory=lambda: types.MappingProxyType({}))  # per attack
+    params: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))  # per attack, typed by its entry
 
 
 @dataclass(frozen=True)

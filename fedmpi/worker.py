@@ -3,7 +3,9 @@
 :class:`ClientHost` trains a rank's share of the cohort, one client after
 another, on one flat model: local training, then what a Byzantine client does
 to its data or its update (its attack's ``on_data`` / ``on_update`` hooks), and
-local client-level DP for honest clients.
+local client-level DP for honest clients. With ``transport: reduce`` each row is
+checked here (norm and finite flag, :func:`fedmpi.aggregation.norms_and_finite`)
+and only finite rows enter the pre-summed total.
 
 Rank 0 reaches the clients through one interface, ``collect(round, cohort,
 weights) -> Updates`` and ``stop(status)``: :class:`RemoteClients` over MPI
@@ -20,7 +22,7 @@ import time
 import numpy as np
 
 from . import attacks
-from .aggregation import row_norms
+from .aggregation import norms_and_finite
 from .data import FederatedData
 from .models import FlatModel
 from .privacy.client_level import privatise_update
@@ -41,7 +43,7 @@ class ClientHost:
         a = cfg.attack
         self.attack = attacks.ATTACKS[a.name]
         self.byzantine = set(attacks.byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients).tolist())
-        self.attack_params = attacks.resolved_params(a.name, a.params, cfg.clients.per_round)
+        self.attack_params = attacks.resolved_params(cfg, data)
 
     def train_slots(self, round_index: int, client_ids: np.ndarray, weights: np.ndarray,
                     rows: np.ndarray, records: np.ndarray) -> None:
@@ -58,14 +60,16 @@ class ClientHost:
             result = self.trainer.train(weights, x, y, round_index, cid, rows[i])
             clipped_fraction = result.clipped_fraction
             if byzantine and attack.on_update is not None:  # a Byzantine client sends what it likes, DP or not
-                attack.on_update(rows[i], self.attack_params, attacks.client_rng(cfg.seed, round_index, cid))
+                with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are its to send; rank 0 checks
+                    attack.on_update(rows[i], self.attack_params, attacks.client_rng(cfg.seed, round_index, cid))
             elif not byzantine and cfg.privacy.mode == "client_local":
                 p = cfg.privacy
                 clipped_fraction = float(privatise_update(rows[i], p.max_grad_norm, p.noise_multiplier, cfg.seed,
                                                           round_index, cid))
             records[i, RECORD["clipped_fraction"]] = clipped_fraction
-            if cfg.transport == "reduce":  # rank 0 never sees the row: the norm travels with the record
-                records[i, RECORD["update_norm"]] = row_norms(rows[i:i + 1])[0]
+            if cfg.transport == "reduce":  # rank 0 never sees the row: its check travels with the record
+                norm, finite = norms_and_finite(rows[i:i + 1])
+                records[i, RECORD["update_norm"]], records[i, RECORD["finite"]] = norm[0], finite[0]
             records[i, RECORD["num_samples"]] = result.num_samples
             records[i, RECORD["train_loss"]] = result.train_loss
             records[i, RECORD["steps"]] = result.steps
@@ -124,8 +128,8 @@ class ShardedClients:
             messages.send_round(round_index, cohort, weights)
             rows, records, counts = messages.receive_columns(len(cohort))
         columns = self.context.columns(rows)
-        norms, _ = self.check(columns, cohort)
-        records[:, RECORD["update_norm"]] = norms
+        norms, finite = self.check(columns, cohort, round_index)
+        records[:, RECORD["update_norm"]], records[:, RECORD["finite"]] = norms, finite
         return Updates(cohort, records, counts, shard=columns)
 
     def stop(self, status: int) -> None:

@@ -107,7 +107,7 @@ def test_every_plot_kind_is_a_valid_image(sweep, fmt, magic):
     proc = _analyze(["runs", "dp.h5", "--plot", f"plots_{fmt}", "--format", fmt], sweep)
     assert proc.returncode == 0, proc.stderr
     files = sorted(os.listdir(sweep / f"plots_{fmt}"))
-    expected = {"accuracy_loss", "accuracy_epsilon", "update_norms"} | {f"selection_{i}" for i in range(5)}
+    expected = {"accuracy_loss", "accuracy_epsilon", "update_norms", "backdoor"} | {f"selection_{i}" for i in range(5)}
     assert {f.rsplit(".", 1)[0] for f in files} == expected
     for name in files:
         data = (sweep / f"plots_{fmt}" / name).read_bytes()
@@ -187,3 +187,33 @@ def test_garbage_input_gets_one_line_naming_the_file(tmp_path, sweep):
         assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert str(path) in lines[0]
         assert expected in lines[0], lines[0]
+
+
+def test_robustness_tables_by_hand(tmp_path):
+    import pandas as pd
+
+    from fedmpi.analyze import robustness_heatmap, robustness_tables
+
+    rows = []
+    for setting, shift in (("data.partition.name=iid", 0.0), ("data.partition.name=dirichlet", -0.1)):
+        for rule in ("krum", "nnm + krum"):
+            for attack, accs in (("none", [0.9, 0.8]), ("sign_flip", [0.5, 0.7]), ("backdoor", [0.85, 0.85])):
+                for seed, acc in enumerate(accs):
+                    rows.append({"setting": setting, "rule": rule, "attack": attack, "seed": seed,
+                                 "final_accuracy": acc + shift, "backdoor_accuracy": 0.25 if attack == "backdoor" else np.nan,
+                                 "diverged": rule == "krum" and attack == "sign_flip" and seed == 1})
+    grids, text = robustness_tables(pd.DataFrame(rows))
+    lines = text.splitlines()
+    assert lines[0].startswith("**data.partition.name=iid**: final test accuracy")
+    assert lines[2] == "| rule | none | sign_flip | backdoor | worst |"
+    # mean and sample std of (0.9, 0.8): 0.85 +- 0.07; of (0.5, 0.7): 0.60 +- 0.14, a seed diverged;
+    # the worst attack of krum is sign_flip at 0.60
+    assert lines[4] == "| krum | 0.85±0.07 | 0.60±0.14† | 0.85±0.00 | 0.60 (sign_flip) |"
+    assert lines[5] == "| nnm + krum | 0.85±0.07 | 0.60±0.14 | 0.85±0.00 | 0.60 (sign_flip) |"
+    assert "| krum | 0.25±0.00 | 0.85±0.00 | 0.85±0.07 |" in lines  # backdoor: ASR, clean accuracy, without attack
+    assert "| krum | 0.75±0.07 | 0.50±0.14† | 0.75±0.00 | 0.50 (sign_flip) |" in lines  # dirichlet: 0.1 lower
+    rules, attacks, means = grids["data.partition.name=dirichlet"]
+    np.testing.assert_allclose(means, [[0.75, 0.5, 0.75], [0.75, 0.5, 0.75]])
+    written = robustness_heatmap(grids, str(tmp_path / "heat"))
+    assert [p.rsplit(".", 1)[1] for p in written] == ["png", "pdf"]
+    assert (tmp_path / "heat.png").read_bytes().startswith(b"\x89PNG") and (tmp_path / "heat.pdf").read_bytes()[:4] == b"%PDF"

@@ -169,3 +169,32 @@ def test_signal_checkpoint_requeue_resume(slurm, tmp_path):
         assert a["model/final"][:].tobytes() == b["model/final"][:].tobytes()
         assert a["rounds/test_loss"][:].tobytes() == b["rounds/test_loss"][:].tobytes()
         assert len(a.attrs["resumed_at"]) == 1
+
+
+def test_in_job_sweep_job_requeued_after_usr1_finishes_every_run(slurm, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"config": str(CONFIGS / "digits_mlp.yaml"), "out": str(tmp_path / "sweep"),
+                                    "seeds": [0, 1, 2, 3], "set": {"rounds": 30, "clients.total": 8,
+                                                                   "clients.per_round": 8}}, sort_keys=False))
+    files = [tmp_path / "sweep" / f"run-{i:04d}.h5" for i in range(4)]
+    job = _sbatch(slurm, ["-n", "4", REPO / "jobs" / "sweep_in_job.sbatch", grid, "--ranks-per-run", "2"], tmp_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if len(load(str(files[0])).rounds) >= 2:
+                break
+        except Exception:  # not created yet
+            pass
+        time.sleep(0.3)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=_slurm_env(slurm), check=True, timeout=30)
+    (task,) = _wait(slurm, job)
+    log = (tmp_path / f"fedmpi-fedmpi-sweep-in-job-{job}.out").read_text()
+    shown = _show(slurm, job)
+    print(log, shown, sep="\n")
+    assert task["JobState"] == "COMPLETED" and task["Restarts"] == "1", shown
+    assert "srun --mpi=pmi2" in log and "-m fedmpi.sweep" in log and "2 groups of 2 ranks" in log
+    assert "SIGUSR1 received; checkpoint after round" in log and "requeueing job" in log and "(restart 1)" in log
+    assert "in-job sweep: 4 done" in log
+    runs = [load(str(f)) for f in files]
+    assert all(run.finished and len(run.rounds) == 30 and run.attrs["world_size"] == 2 for run in runs)
+    assert len(runs[0].attrs["resumed_at"]) == 1  # it was running at the signal: checkpointed, then resumed

@@ -44,6 +44,9 @@ class Columns:
     def n(self) -> int:
         return self.rows.shape[0]
 
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
     @property
     def root(self) -> bool:
         return self.group.rank == 0
@@ -98,12 +101,42 @@ def mean_of(columns: Columns, rows: np.ndarray) -> np.ndarray:
 
 def sq_distances_to(columns: Columns, point: np.ndarray) -> np.ndarray | None:
     """(n,) float64 squared distances from each row to a point (this rank's columns of
-    it), from the differences (no cancellation), on rank 0."""
+    it), from the differences (no cancellation), on rank 0; NaN (a row with a NaN)
+    becomes +inf, as :func:`fedmpi.aggregation.sq_distances_to`."""
     def partial(block: np.ndarray, local: slice) -> np.ndarray:
         centre = point[local]
-        return sum(agg._for_blocks(block, lambda cols, b: _diff_sq(b, centre[cols])))
+        with np.errstate(invalid="ignore", over="ignore"):
+            return sum(agg._for_blocks(block, lambda cols, b: _diff_sq(b, centre[cols])))
 
-    return columns.reduce(partial, (columns.n,))
+    sq = columns.reduce(partial, (columns.n,))
+    if sq is not None:
+        sq[np.isnan(sq)] = np.inf
+    return sq
+
+
+def finite_flags(columns: Columns) -> np.ndarray:
+    """(n,) bool on every rank: whether each row's every coordinate is finite (checked
+    per block, combined, shared)."""
+    bad = columns.reduce(lambda block, local: (~np.isfinite(block)).any(axis=1).astype(np.float64), (columns.n,))
+    return columns.share(bad == 0 if columns.root else None)
+
+
+def finite_sq_distances(columns: Columns) -> np.ndarray | None:
+    """:func:`fedmpi.aggregation._sq_distances_finite` (MDA's distances) on rank 0: a row
+    with a non-finite coordinate is +inf away from every other row."""
+    ok = finite_flags(columns)
+    if ok.all():
+        return pairwise_sq_distances(columns)
+    n = columns.n
+    good = np.flatnonzero(ok)
+    sub = pairwise_sq_distances(columns.with_rows(columns.rows[good])) if len(good) else None
+    if not columns.root:
+        return None
+    dist = np.full((n, n), np.inf)
+    np.fill_diagonal(dist, 0.0)
+    if len(good):
+        dist[np.ix_(good, good)] = sub
+    return dist
 
 
 def _diff_sq(block: np.ndarray, point: np.ndarray) -> np.ndarray:

@@ -28,10 +28,9 @@ from __future__ import annotations
 import numpy as np
 
 from .. import attacks, seeding
-from ..aggregation import PRE_STEPS, RULES
 from ..optimizers import ServerOptimizer
 from ..protocol import CMD_LOAD, CMD_STATE
-from ..rounds import Aggregate, Updates
+from ..rounds import Aggregate, RuleAggregator, Updates, finite_rows
 from ..schema import Config, ServerConfig
 from .columns import Columns, sq_norms
 from .layout import BlockLayout
@@ -82,73 +81,86 @@ class ShardContext:
 
 
 class ColumnCheck:
-    """Step 1 on every rank: the omniscient attack on the columns, then each row's norm
-    and whether it is finite (rank 0's)."""
+    """Step 1 on every rank: an omniscient attack on the columns (ALIE and IPM, with the
+    finite flags of the rows as they arrived, combined first), then each row's norm and
+    whether it is finite (rank 0's)."""
 
     def __init__(self, cfg: Config):
         a = cfg.attack
+        self.cfg = cfg
         self.attack = attacks.ATTACKS[a.name]
         self.byzantine_ids = attacks.byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients)
-        self.params = attacks.resolved_params(a.name, a.params, cfg.clients.per_round)
+        self.params = attacks.resolved_params(cfg)
 
-    def __call__(self, columns: Columns, cohort: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def __call__(self, columns: Columns, cohort: np.ndarray, round_index: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         if not len(cohort):
             return np.empty(0), np.empty(0, dtype=bool)
         if self.attack.on_server is not None:
-            self.attack.on_server(columns.rows, np.isin(cohort, self.byzantine_ids), self.params)
+            sq = sq_norms(columns)
+            finite = columns.share(np.isfinite(sq) if columns.root else None)
+            byzantine = np.isin(cohort, self.byzantine_ids)
+            with np.errstate(over="ignore", invalid="ignore"):  # what the attack makes is checked below
+                self.attack.on_server(columns.rows, byzantine, self.params, self.context(cohort, byzantine, finite,
+                                                                                          round_index))
         sq = sq_norms(columns)
         return (np.sqrt(sq), np.isfinite(sq)) if columns.root else (None, None)
 
+    def context(self, cohort: np.ndarray, byzantine: np.ndarray, finite: np.ndarray, round_index: int):
+        """What a coordinate-wise attack reads of :class:`fedmpi.attacks.ServerContext` (the
+        honest finite rows); the rule is not simulated over columns (attacks that need it
+        are refused by config validation)."""
+        def aggregate(rows):
+            raise attacks.Inapplicable("transport: sharded does not simulate the rule for an attack")
 
-class ShardedAggregator:
-    """``aggregator.pre`` steps, then ``aggregator.name``, over the columns, on every
-    rank. ``vector`` of the returned :class:`Aggregate` is this rank's columns; the
-    slot mapping (``selected``, ``scores``) and ``norm`` are rank 0's. The rule's state
-    (centered clipping's center) is kept in columns: :attr:`state` gathers it."""
+        return attacks.ServerContext(round_index=round_index, cohort=cohort, finite=finite, honest=~byzantine & finite,
+                                     f=self.cfg.aggregator.f, aggregate=aggregate,
+                                     rng=seeding.rng(self.cfg.seed, "server_attack", round_index))
+
+
+class ShardedAggregator(RuleAggregator):
+    """:class:`fedmpi.rounds.RuleAggregator` over column blocks, on every rank: the same
+    finite rows (rank 0's flags, shared), f less the rows left out, skipped rounds, steps
+    and slot mapping, with the functions of :mod:`fedmpi.sharded.rules`. ``vector`` of
+    the returned :class:`Aggregate` is this rank's columns; ``selected``, ``scores`` and
+    ``norm`` are rank 0's. :attr:`state` (centered clipping's center) holds this rank's
+    columns; :meth:`gather_state` and :meth:`load_state` move the whole arrays."""
+
+    step_functions = SHARDED_STEPS
 
     def __init__(self, cfg: Config, size: int, context: ShardContext):
-        self.cfg, self.size, self.context = cfg, size, context
-        self.entry = RULES[cfg.aggregator.name]
-        self.rule = SHARDED_RULES[cfg.aggregator.name]
-        self.local_state: dict[str, np.ndarray] = self.entry.init_state(context.width) if self.entry.init_state else {}
+        super().__init__(cfg, context.width)
+        self.function = SHARDED_RULES[cfg.aggregator.name]
+        self.context = context
 
-    @property
-    def state(self) -> dict[str, np.ndarray]:
-        return self.context.gather_state("aggregator", self.local_state)
+    def gather_state(self) -> dict[str, np.ndarray]:
+        return self.context.gather_state("aggregator", self.state)
 
     def load_state(self, values: dict | None) -> None:
-        self.context.scatter_state("aggregator", values, self.local_state)
+        self.context.scatter_state("aggregator", values, self.state)
 
     def __call__(self, updates: Updates, round_index: int) -> Aggregate:
         columns, k = updates.shard, len(updates.cohort)
         if k == 0:  # an empty Poisson cohort leaves the model as it is
-            return Aggregate(np.zeros(self.context.width), np.zeros(0, dtype=bool), np.full(0, np.nan), norm=0.0)
-        g = self.cfg.aggregator
-        weights = columns.share(updates.samples.astype(np.float64) if columns.root else None)
-        members = np.eye(k, dtype=bool)  # members[r, slot]: slot's update went into row r
-        row_of_slot = np.arange(k)
-        rows = columns
-        for step_index, step in enumerate(g.pre):
-            values = {"f": g.f, "rng": seeding.rng(self.cfg.seed, "bucketing", round_index, step_index),
-                      "bucket_size": step.bucket_size, "max_norm": step.max_norm}
-            out = SHARDED_STEPS[step.name](rows, **{name: values[name] for name in PRE_STEPS[step.name].reads})
-            if out.groups is not None:
-                weights = np.array([weights[group].sum() for group in out.groups])
-                members = np.stack([members[group].any(axis=0) for group in out.groups])
-                if out.row_of is not None:
-                    row_of_slot = out.row_of[row_of_slot]
-            rows = out.rows
-        values = {"weights": weights, "f": g.f, "m": g.m, "tau": g.tau, "iterations": g.iterations,
-                  "smoothing": g.smoothing, "tol": g.tol, "max_iter": g.max_iter, **self.local_state}
-        result = self.rule(rows, **{name: values[name] for name in self.entry.reads})
-        if self.entry.next_state is not None:
-            self.local_state.update(self.entry.next_state(result))
+            return Aggregate(np.zeros(self.size), np.zeros(0, dtype=bool), np.full(0, np.nan), norm=0.0)
+        kept, samples = columns.share((updates.kept, updates.samples) if columns.root else None)
+        f, problem = self.finite_f(k, kept)
+        if problem is not None:
+            skipped = self.skip(k, kept, problem)
+            skipped.norm = 0.0
+            return skipped
+        rows = columns.with_rows(finite_rows(columns.rows, kept))
+        result, members, row_of_slot = self.apply(rows, samples[kept].astype(np.float64), f, round_index)
+        if self.rule.next_state is not None:
+            self.state.update(self.rule.next_state(result))
         norm = aggregate_norm(columns, result.vector)
         if not columns.root:
             return Aggregate(result.vector, None, None)
-        selected = members[result.selected].any(axis=0) if result.selected is not None else members.any(axis=0)
-        scores = result.scores[row_of_slot] if result.scores is not None else np.full(k, np.nan)
-        return Aggregate(result.vector, selected, scores, norm=norm)
+        decided = self.to_slots(result, members, row_of_slot, k, kept)
+        decided.norm = norm
+        return decided
+
+    def simulate(self, rows: np.ndarray, f: int, round_index: int):
+        raise ValueError("transport: sharded does not simulate the rule over whole rows")
 
 
 class ShardedServerOptimizer:
@@ -163,15 +175,14 @@ class ShardedServerOptimizer:
         self.columns = ServerOptimizer(cfg, context.width)
 
     @property
-    def local_state(self) -> dict[str, np.ndarray]:
+    def state(self) -> dict[str, np.ndarray]:
         return self.columns.state
 
-    @property
-    def state(self) -> dict[str, np.ndarray]:
-        return self.context.gather_state("optimizer", self.local_state)
+    def gather_state(self) -> dict[str, np.ndarray]:
+        return self.context.gather_state("optimizer", self.state)
 
     def load_state(self, values: dict | None) -> None:
-        self.context.scatter_state("optimizer", values, self.local_state)
+        self.context.scatter_state("optimizer", values, self.state)
 
     def step(self, weights: np.ndarray, update: np.ndarray) -> None:
         lo, hi = self.context.span
@@ -193,16 +204,18 @@ class ShardedWorker:
                       "optimizer": ShardedServerOptimizer(cfg.server, self.context)}
 
     def round(self, order, rows: np.ndarray, records: np.ndarray) -> None:
-        """After training this rank's slots: exchange, check, aggregate, step."""
+        """After training this rank's slots: exchange, check, aggregate, step (unless the
+        round was skipped: every rank knows it, from the shared finite flags)."""
         columns = self.context.columns(self.messages.send_columns(rows, records, order.counts))
-        self.check(columns, order.cohort)
+        self.check(columns, order.cohort, order.round_index)
         updates = Updates(order.cohort, None, order.counts, shard=columns)
         result = self.parts["aggregator"](updates, order.round_index)
-        self.parts["optimizer"].step(order.weights, result.vector)
+        if result.skipped is None:
+            self.parts["optimizer"].step(order.weights, result.vector)
 
     def command(self, order) -> None:
         part = PARTS[order.part]
-        local = self.parts[part].local_state
+        local = self.parts[part].state
         if order.command == CMD_STATE:
             self.context.gather_state(part, local)
         else:

@@ -27,12 +27,32 @@ import numpy as np
 
 from .. import aggregation as agg
 from ..aggregation import AggregationResult, Regrouped
-from .columns import Columns, centered_gram, pairwise_sq_distances, sq_norms, weighted_sum
+from .columns import (
+    Columns,
+    centered_gram,
+    finite_sq_distances,
+    mean_of,
+    pairwise_sq_distances,
+    sq_distances_to,
+    sq_norms,
+    weighted_sum,
+)
 
 
 def _rows_on_root(columns: Columns, fn: Callable[[], object]):
-    """``fn()`` evaluated on rank 0 and shared with every rank."""
-    return columns.share(fn() if columns.root else None)
+    """``fn()`` evaluated on rank 0 and shared with every rank; a ValueError it raises
+    (a rule's refusal) is raised on every rank."""
+    if columns.root:
+        try:
+            value = fn()
+        except ValueError as exc:
+            columns.share(exc)
+            raise
+        return columns.share(value)
+    value = columns.share(None)
+    if isinstance(value, ValueError):
+        raise ValueError(str(value))
+    return value
 
 
 def _columnwise(columns: Columns, kernel: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> AggregationResult:
@@ -168,6 +188,50 @@ def centered_clipping(columns: Columns, tau: float, iterations: int = 1,
     return AggregationResult(v, selected=agg._all_rows(n), scores=factors)
 
 
+def mda(columns: Columns, f: int, max_subsets: int = agg.MDA_MAX_SUBSETS) -> AggregationResult:
+    """:func:`fedmpi.aggregation.mda`: the exhaustive search on rank 0 over the
+    block-combined distances, the mean of the chosen rows per block."""
+    n = columns.n
+    agg.check_f("mda", n, f)
+    subsets = math.comb(n, f)
+    if subsets > max_subsets:
+        raise ValueError(f"mda: C(n, f) = C({n}, {f}) = {subsets} subsets of n - f = {n - f} rows to search, "
+                         f"more than the bound max_subsets = {max_subsets} (MDA_MAX_SUBSETS)")
+    sq = finite_sq_distances(columns)
+    found = _rows_on_root(columns, lambda: agg.mda_search(sq, f))
+    chosen, best_rows, best, ties = found
+    info = {"diameter": math.sqrt(best), "subsets": subsets, "ties": ties}
+    return AggregationResult(mean_of(columns, chosen), selected=chosen, scores=np.sqrt(best_rows) if columns.root else None,
+                             info=info if columns.root else {})
+
+
+def monna(columns: Columns, f: int, pivot: int | np.ndarray | None = None) -> AggregationResult:
+    """:func:`fedmpi.aggregation.monna`: the pivot per block (the coordinate-wise median by
+    default; a row; or this rank's columns of a vector), distances to it combined from the
+    blocks, rank 0's n - f nearest rows averaged per block."""
+    n, width = columns.rows.shape
+    agg.check_f("monna", n, f)
+    pivot_row = None
+    if pivot is None:
+        kind, point = "median", columns.map(lambda block, local: agg._coordinatewise(block, (n - 1) // 2, n // 2 + 1)[0])
+    elif isinstance(pivot, (int, np.integer)):
+        if not 0 <= pivot < n:
+            raise ValueError(f"monna: pivot row must be in [0, {n}), got {pivot}")
+        kind, pivot_row, point = "row", int(pivot), columns.rows[int(pivot)].astype(np.float64)
+    else:
+        kind, point = "vector", np.asarray(pivot, dtype=np.float64)
+        if point.shape != (width,):
+            raise ValueError(f"monna: pivot must be a row index or this rank's {width} columns of a vector, got shape "
+                             f"{point.shape}")
+    bad = columns.reduce(lambda block, local: np.array([float((~np.isfinite(point[local])).sum())]), (1,))
+    if columns.share(bool(bad[0]) if columns.root else None):
+        raise ValueError(f"monna: the pivot ({kind}) has non-finite coordinates")
+    sq = sq_distances_to(columns, point)
+    chosen = _rows_on_root(columns, lambda: np.sort(agg._rank(sq)[: n - f]))
+    return AggregationResult(mean_of(columns, chosen), selected=chosen, scores=np.sqrt(sq) if columns.root else None,
+                             info={"pivot": kind, "pivot_row": pivot_row})
+
+
 # --------------------------------------------------------------------------- pre-aggregation
 
 
@@ -204,6 +268,15 @@ def clip_step(columns: Columns, max_norm: float) -> Regrouped:
     return Regrouped(columns.with_rows(columns.rows * factors[:, None]))
 
 
+def arc_step(columns: Columns, f: int) -> Regrouped:
+    """:func:`fedmpi.aggregation.arc`: norms combined from the blocks, rank 0's factors."""
+    agg.check_f("arc", columns.n, f)
+    sq = sq_norms(columns)
+    factors = _rows_on_root(columns, lambda: agg.arc_factors(np.sqrt(sq), f))
+    with np.errstate(invalid="ignore"):
+        return Regrouped(columns.with_rows(columns.rows * factors[:, None]))
+
+
 # --------------------------------------------------------------------------- registries
 
 # Keyed like fedmpi.aggregation.RULES and PRE_STEPS, with the same keyword arguments
@@ -219,12 +292,15 @@ SHARDED_RULES: dict[str, Callable[..., AggregationResult]] = {
     "geometric_median": geometric_median,
     "bulyan": bulyan,
     "centered_clipping": centered_clipping,
+    "mda": mda,
+    "monna": monna,
 }
 
 SHARDED_STEPS: dict[str, Callable[..., Regrouped]] = {
     "nnm": nnm_step,
     "bucketing": bucketing_step,
     "clip": clip_step,
+    "arc": arc_step,
 }
 
 # Omniscient attacks (fedmpi.attacks.ATTACKS entries with an ``on_server`` hook) whose

@@ -5,8 +5,10 @@ aggregator; rank 0 gathers each aggregate and writes what it decided to OUT.npz.
     mpirun -n P python tests/helpers/sharded_rules.py OUT.npz
 
 The rows (the test reads the same generator): honest rows spread around a common
-direction, two rows at 1e30 scale and one sign-flipped x10, K = 15 rows of d = 203 coordinates,
-blocks of 8 columns (25 blocks: several per rank at 2, 3 and 5 ranks).
+direction, two rows at 1e30 scale, one sign-flipped x10, one with a NaN coordinate
+and one of +inf (left out before the rule, counting against f), K = 15 rows of
+d = 203 coordinates, blocks of 8 columns (25 blocks: several per rank at 2, 3 and 5
+ranks).
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ CASES = {
                             "aggregator.pre=[{name: clip, max_norm: 5.0}, {name: bucketing, bucket_size: 2}]"],
     "alie_trimmed_mean": ["aggregator.name=trimmed_mean", "attack.name=alie", "attack.clients=[3, 8, 11]"],
     "ipm_multi_krum": ["aggregator.name=multi_krum", "attack.name=ipm", "attack.clients=[0, 5, 13]"],
+    "mda": ["aggregator.name=mda", "aggregator.f=3"],
+    "monna": ["aggregator.name=monna", "aggregator.f=3"],
+    "arc_median": ["aggregator.name=median", "aggregator.f=3", "aggregator.pre=[{name: arc}]"],
+    "arc_nnm_mda": ["aggregator.name=mda", "aggregator.f=2", "aggregator.pre=[{name: arc}, {name: nnm}]"],
+    "skipped": ["aggregator.name=multi_krum", "aggregator.f=1", "aggregator.m=14"],  # 13 finite rows < m
 }
 
 
@@ -50,6 +57,8 @@ def rows_and_samples() -> tuple[np.ndarray, np.ndarray]:
     rows = (base + 0.5 * rng.standard_normal((K, D))).astype(np.float32)
     rows[[4, 12]] = (rng.standard_normal((2, D)) * 1e30).astype(np.float32)
     rows[7] = -10 * rows[6]
+    rows[9, 17] = np.nan
+    rows[13] = np.inf
     return rows, rng.integers(5, 60, K).astype(np.float64)
 
 
@@ -66,23 +75,24 @@ def main(out_path: str) -> None:
         cfg = load(None, COMMON + overrides)
         mine = np.ascontiguousarray(rows[start:start + counts[comm.rank]])  # what this rank trained
         columns = context.columns(comm.exchange_columns(mine, counts, layout.spans))
-        norms, finite = ColumnCheck(cfg)(columns, cohort)
+        norms, finite = ColumnCheck(cfg)(columns, cohort, 0)
         records = None
         if comm.rank == 0:
             records = np.zeros((K, len(RECORD_FIELDS)))
             records[:, RECORD["num_samples"]] = samples
         aggregator = ShardedAggregator(cfg, D, context)
-        result = aggregator(Updates(cohort, records, counts, shard=columns), 0)
+        result = aggregator(Updates(cohort, records, counts, finite=finite, shard=columns), 0)
         vector = np.empty(D) if comm.rank == 0 else None
         lo, hi = context.span
         if vector is not None:
             vector[lo:hi] = result.vector
         comm.gather_columns(result.vector if vector is None else vector[lo:hi], vector, layout.spans)
-        state = aggregator.state  # gathered columns of the rule's state (centered clipping's center)
+        state = aggregator.gather_state()  # the rule's state (centered clipping's center) from every rank's columns
         if comm.rank == 0:
             results.update({f"{name}/vector": vector, f"{name}/selected": result.selected,
                             f"{name}/scores": result.scores, f"{name}/norm": np.array([result.norm]),
                             f"{name}/row_norms": norms, f"{name}/finite": finite,
+                            f"{name}/skipped": np.array(result.skipped or ""),
                             **{f"{name}/state/{k}": v for k, v in state.items()}})
     if comm.rank == 0:
         np.savez(out_path, **results)
