@@ -623,6 +623,16 @@ def centered_clipping(updates: np.ndarray, tau: float, iterations: int = 1,
     """
     updates = _as_updates(updates)
     n, d = updates.shape
+    v = clipping_start(tau, iterations, center, d)
+    factors = np.ones(n)
+    for _ in range(iterations):
+        factors = np.minimum(1.0, tau / np.maximum(np.sqrt(sq_to_center(updates, v)), np.finfo(float).tiny))
+        v = v + clipped_step(updates, v, factors)
+    return AggregationResult(v, selected=_all_rows(n), scores=factors)
+
+
+def clipping_start(tau: float, iterations: int, center: np.ndarray | None, d: int) -> np.ndarray:
+    """Centered clipping's checks, and its starting point (float64 (d,): ``center``, or zeros)."""
     if tau <= 0:
         raise ValueError(f"centered_clipping needs tau > 0, got {tau}")
     if iterations < 1:
@@ -630,21 +640,27 @@ def centered_clipping(updates: np.ndarray, tau: float, iterations: int = 1,
     v = np.zeros(d) if center is None else np.array(center, dtype=np.float64)
     if v.shape != (d,):
         raise ValueError(f"center must have shape ({d},), got {v.shape}")
-    factors = np.ones(n)
-    for _ in range(iterations):
-        sq = np.zeros(n)
-        for part in _for_blocks(updates, lambda cols, block, v=v: np.einsum("ij,ij->i", block - v[cols], block - v[cols])):
-            sq += part
-        factors = np.minimum(1.0, tau / np.maximum(np.sqrt(sq), np.finfo(float).tiny))
-        step = np.empty(d)
+    return v
 
-        def clipped_step(cols, block, v=v, factors=factors, step=step):
-            block -= v[cols]
-            step[cols] = factors @ block / n
 
-        _for_blocks(updates, clipped_step)
-        v = v + step
-    return AggregationResult(v, selected=_all_rows(n), scores=factors)
+def sq_to_center(updates: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """(n,) float64 |x_i - v|^2, summed by column block in order."""
+    sq = np.zeros(updates.shape[0])
+    for part in _for_blocks(updates, lambda cols, block: np.einsum("ij,ij->i", block - v[cols], block - v[cols])):
+        sq += part
+    return sq
+
+
+def clipped_step(updates: np.ndarray, v: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """(d,) float64 mean_i (x_i - v) * factors[i]: centered clipping's step."""
+    step = np.empty(updates.shape[1])
+
+    def block_step(cols, block):
+        block -= v[cols]
+        step[cols] = factors @ block / len(factors)
+
+    _for_blocks(updates, block_step)
+    return step
 
 
 # --------------------------------------------------------------------------- pre-aggregation

@@ -152,39 +152,18 @@ def bulyan(columns: Columns, f: int) -> AggregationResult:
     return AggregationResult(vector, selected=chosen, scores=agg.krum_scores(dist, f) if columns.root else None)
 
 
-def _clipped_step(block: np.ndarray, centre: np.ndarray, factors: np.ndarray) -> np.ndarray:
-    out = np.empty(block.shape[1])
-
-    def step(cols, b):
-        b -= centre[cols]
-        out[cols] = factors @ b / len(factors)
-
-    agg._for_blocks(block, step)
-    return out
-
-
 def centered_clipping(columns: Columns, tau: float, iterations: int = 1,
                       center: np.ndarray | None = None) -> AggregationResult:
     """:func:`fedmpi.aggregation.centered_clipping` with ``center`` (this rank's columns of
     the previous aggregate): squared distances combined from the blocks, rank 0's
     clipping factors, the step per block."""
     n, width = columns.rows.shape
-    if tau <= 0:
-        raise ValueError(f"centered_clipping needs tau > 0, got {tau}")
-    if iterations < 1:
-        raise ValueError(f"centered_clipping needs iterations >= 1, got {iterations}")
-    v = np.zeros(width) if center is None else np.array(center, dtype=np.float64)
-    if v.shape != (width,):
-        raise ValueError(f"center must have this rank's {width} columns, got shape {v.shape}")
+    v = agg.clipping_start(tau, iterations, center, width)  # this rank's columns
     factors = np.ones(n)
     for _ in range(iterations):
-        def partial(block, local, v=v):
-            centre = v[local]
-            return sum(agg._for_blocks(block, lambda cols, b: np.einsum("ij,ij->i", b - centre[cols], b - centre[cols])))
-
-        sq = columns.reduce(partial, (n,))
+        sq = columns.reduce(lambda block, local, v=v: agg.sq_to_center(block, v[local]), (n,))
         factors = _rows_on_root(columns, lambda sq=sq: np.minimum(1.0, tau / np.maximum(np.sqrt(sq), np.finfo(float).tiny)))
-        v = v + columns.map(lambda block, local, v=v, factors=factors: _clipped_step(block, v[local], factors))
+        v = v + columns.map(lambda block, local, v=v, factors=factors: agg.clipped_step(block, v[local], factors))
     return AggregationResult(v, selected=agg._all_rows(n), scores=factors)
 
 
