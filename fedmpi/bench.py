@@ -508,6 +508,7 @@ def _final_model(path: str) -> bytes:
 # --------------------------------------------------------------------------- sharded
 
 SHARDED_F = 8  # Byzantine rows tolerated by the rules that take f (Bulyan: n >= 4f + 3)
+SHARDED_F_MDA = 2  # MDA searches C(n, f) subsets: C(64, 2) = 2016
 
 
 def _bench_rows(first: int, count: int, d: int) -> np.ndarray:
@@ -561,7 +562,8 @@ def sharded_worker(path: str, transport: str, n: int, d: int, block: int, repeat
     context = ShardContext(layout, comm)
     for name in RULES:
         cfg = load(None, [f"clients.total={n}", f"clients.per_round={n}", f"aggregator.name={name}",
-                          *([f"aggregator.f={SHARDED_F}"] if "f" in RULES[name].reads else [])])
+                          *([f"aggregator.f={SHARDED_F_MDA if name == 'mda' else SHARDED_F}"]
+                            if "f" in RULES[name].reads else [])])
         if sharded:
             aggregator, updates = ShardedAggregator(cfg, d, context), Updates(cohort, records, counts,
                                                                                shard=context.columns(held))

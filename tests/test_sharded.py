@@ -356,3 +356,22 @@ def test_what_sharding_cannot_do_is_refused_with_one_line(overrides, fragment):
         load(None, ["transport=sharded", *overrides])
     assert "\n" not in str(err.value)
     load(None, ["transport=sharded", "attack.name=alie", "attack.fraction=0.25"])  # coordinate-wise: accepted
+
+
+def test_a_refusal_decided_on_rank_0_is_raised_on_every_rank():
+    """MDA with more than f non-finite rows: every subset has an infinite diameter. Rank
+    0 finds it; every simulated rank raises the same ValueError (none waits for a decision)."""
+    rows = _rows("diverse")
+    rows[[1, 4]] = np.nan
+    with pytest.raises(ValueError, match="more than f = 1 rows have non-finite coordinates") as expected:
+        agg.mda(rows, f=1)
+    outcomes = _sharded(rows, 3, 8, lambda c: _outcome(lambda: SHARDED_RULES["mda"](c, f=1)))
+    assert outcomes == [str(expected.value)] * 3
+
+
+def _outcome(call):
+    try:
+        call()
+    except ValueError as exc:
+        return str(exc)
+    return None

@@ -39,7 +39,7 @@ from .columns import (
 )
 
 
-def _rows_on_root(columns: Columns, fn: Callable[[], object]):
+def _decided_on_root(columns: Columns, fn: Callable[[], object]):
     """``fn()`` evaluated on rank 0 and shared with every rank; a ValueError it raises
     (a rule's refusal) is raised on every rank."""
     if columns.root:
@@ -88,7 +88,7 @@ def krum(columns: Columns, f: int) -> AggregationResult:
     agg.check_f("krum", columns.n, f)
     dist = pairwise_sq_distances(columns)
     scores = agg.krum_scores(dist, f) if columns.root else None
-    best = _rows_on_root(columns, lambda: int(agg._rank(scores)[0]))
+    best = _decided_on_root(columns, lambda: int(agg._rank(scores)[0]))
     return AggregationResult(columns.rows[best].astype(np.float64), selected=np.array([best]), scores=scores)
 
 
@@ -101,7 +101,7 @@ def multi_krum(columns: Columns, f: int, m: int | None = None) -> AggregationRes
         raise ValueError(f"multi_krum needs 1 <= m <= n; got m = {m}, n = {n}")
     dist = pairwise_sq_distances(columns)
     scores = agg.krum_scores(dist, f) if columns.root else None
-    chosen = _rows_on_root(columns, lambda: np.sort(agg._rank(scores)[:m]))
+    chosen = _decided_on_root(columns, lambda: np.sort(agg._rank(scores)[:m]))
     weights = np.zeros(n)
     weights[chosen] = 1.0 / m
     return AggregationResult(weighted_sum(columns, weights), selected=chosen, scores=scores)
@@ -133,7 +133,7 @@ def geometric_median(columns: Columns, weights: np.ndarray | None = None, *, smo
     centre = None
     while True:
         gram = centered_gram(columns, centre=centre)
-        done, alpha = _rows_on_root(columns, lambda gram=gram: (run.iterate(gram), run.alpha))
+        done, alpha = _decided_on_root(columns, lambda gram=gram: (run.iterate(gram), run.alpha))
         if done:
             break
         centre = weighted_sum(columns, alpha)
@@ -146,7 +146,7 @@ def bulyan(columns: Columns, f: int) -> AggregationResult:
     n = columns.n
     agg.check_f("bulyan", n, f)
     dist = pairwise_sq_distances(columns)
-    chosen = _rows_on_root(columns, lambda: agg.bulyan_selection(dist, f))
+    chosen = _decided_on_root(columns, lambda: agg.bulyan_selection(dist, f))
     selected = columns.with_rows(columns.rows[chosen])
     vector = selected.map(lambda block, local: agg.closest_to_median(block, n - 4 * f)[0])
     return AggregationResult(vector, selected=chosen, scores=agg.krum_scores(dist, f) if columns.root else None)
@@ -162,7 +162,7 @@ def centered_clipping(columns: Columns, tau: float, iterations: int = 1,
     factors = np.ones(n)
     for _ in range(iterations):
         sq = columns.reduce(lambda block, local, v=v: agg.sq_to_center(block, v[local]), (n,))
-        factors = _rows_on_root(columns, lambda sq=sq: np.minimum(1.0, tau / np.maximum(np.sqrt(sq), np.finfo(float).tiny)))
+        factors = _decided_on_root(columns, lambda sq=sq: np.minimum(1.0, tau / np.maximum(np.sqrt(sq), np.finfo(float).tiny)))
         v = v + columns.map(lambda block, local, v=v, factors=factors: agg.clipped_step(block, v[local], factors))
     return AggregationResult(v, selected=agg._all_rows(n), scores=factors)
 
@@ -177,7 +177,7 @@ def mda(columns: Columns, f: int, max_subsets: int = agg.MDA_MAX_SUBSETS) -> Agg
         raise ValueError(f"mda: C(n, f) = C({n}, {f}) = {subsets} subsets of n - f = {n - f} rows to search, "
                          f"more than the bound max_subsets = {max_subsets} (MDA_MAX_SUBSETS)")
     sq = finite_sq_distances(columns)
-    found = _rows_on_root(columns, lambda: agg.mda_search(sq, f))
+    found = _decided_on_root(columns, lambda: agg.mda_search(sq, f))
     chosen, best_rows, best, ties = found
     info = {"diameter": math.sqrt(best), "subsets": subsets, "ties": ties}
     return AggregationResult(mean_of(columns, chosen), selected=chosen, scores=np.sqrt(best_rows) if columns.root else None,
@@ -206,7 +206,7 @@ def monna(columns: Columns, f: int, pivot: int | np.ndarray | None = None) -> Ag
     if columns.share(bool(bad[0]) if columns.root else None):
         raise ValueError(f"monna: the pivot ({kind}) has non-finite coordinates")
     sq = sq_distances_to(columns, point)
-    chosen = _rows_on_root(columns, lambda: np.sort(agg._rank(sq)[: n - f]))
+    chosen = _decided_on_root(columns, lambda: np.sort(agg._rank(sq)[: n - f]))
     return AggregationResult(mean_of(columns, chosen), selected=chosen, scores=np.sqrt(sq) if columns.root else None,
                              info={"pivot": kind, "pivot_row": pivot_row})
 
@@ -226,12 +226,12 @@ def nnm_step(columns: Columns, f: int) -> Regrouped:
     n = columns.n
     agg.check_f("nnm", n, f)
     dist = pairwise_sq_distances(columns)
-    groups = _rows_on_root(columns, lambda: list(agg.nearest_rows(dist, n - f)))
+    groups = _decided_on_root(columns, lambda: list(agg.nearest_rows(dist, n - f)))
     return Regrouped(average_groups(columns, groups), groups)
 
 
 def bucketing_step(columns: Columns, bucket_size: int, rng: np.random.Generator) -> Regrouped:
-    groups = _rows_on_root(columns, lambda: agg.bucket_assignment(columns.n, bucket_size, rng))
+    groups = _decided_on_root(columns, lambda: agg.bucket_assignment(columns.n, bucket_size, rng))
     position = np.empty(columns.n, dtype=np.int64)
     for b, group in enumerate(groups):
         position[group] = b
@@ -243,7 +243,7 @@ def clip_step(columns: Columns, max_norm: float) -> Regrouped:
     if max_norm <= 0:
         raise ValueError(f"clip needs max_norm > 0, got {max_norm}")
     sq = sq_norms(columns)
-    factors = _rows_on_root(columns, lambda: agg.clip_factors(np.sqrt(sq), max_norm))
+    factors = _decided_on_root(columns, lambda: agg.clip_factors(np.sqrt(sq), max_norm))
     return Regrouped(columns.with_rows(columns.rows * factors[:, None]))
 
 
@@ -251,7 +251,7 @@ def arc_step(columns: Columns, f: int) -> Regrouped:
     """:func:`fedmpi.aggregation.arc`: norms combined from the blocks, rank 0's factors."""
     agg.check_f("arc", columns.n, f)
     sq = sq_norms(columns)
-    factors = _rows_on_root(columns, lambda: agg.arc_factors(np.sqrt(sq), f))
+    factors = _decided_on_root(columns, lambda: agg.arc_factors(np.sqrt(sq), f))
     with np.errstate(invalid="ignore"):
         return Regrouped(columns.with_rows(columns.rows * factors[:, None]))
 
