@@ -231,10 +231,9 @@ def _centered_gram(updates: np.ndarray, rows: np.ndarray | None = None, center: 
     sub = updates if rows is None else updates[rows]
     k = sub.shape[0]
     if center is None:
-        with np.errstate(over="ignore"):
-            center = sub.sum(axis=0, dtype=sub.dtype).astype(np.float64) / k
+        center = mean_row(sub)
         if not np.isfinite(center).all():  # float32 rows near the top of their range overflowed the sum
-            center = sub.sum(axis=0, dtype=np.float64) / k
+            center = mean_row(sub, wide=True)
 
     def block_gram(cols, block):
         block -= center[cols]
@@ -244,6 +243,17 @@ def _centered_gram(updates: np.ndarray, rows: np.ndarray | None = None, center: 
     for part in _for_blocks(sub, block_gram):
         gram += part
     return gram
+
+
+def mean_row(rows: np.ndarray, wide: bool = False) -> np.ndarray:
+    """The mean row, float64, summed row by row in the rows' own precision (in float64
+    when ``wide``); column by column, so any column block of the rows gives the same
+    values for its columns."""
+    k = rows.shape[0]
+    if wide:
+        return rows.sum(axis=0, dtype=np.float64) / k
+    with np.errstate(over="ignore"):
+        return rows.sum(axis=0, dtype=rows.dtype).astype(np.float64) / k
 
 
 def _gram_to_sq_distances(gram: np.ndarray) -> np.ndarray:
@@ -419,7 +429,7 @@ def multi_krum(updates: np.ndarray, f: int, m: int | None = None) -> Aggregation
 
 def _coordinatewise(updates: np.ndarray, keep_lo: int, keep_hi: int) -> tuple[np.ndarray, np.ndarray]:
     """Per coordinate, sort the n values and average positions keep_lo..keep_hi-1.
-    Also return, per row, the fraction of coordinates where its value was kept."""
+    Also return, per row, the number of coordinates where its value was kept."""
     n, d = updates.shape
     out = np.empty(d)
 
@@ -431,7 +441,7 @@ def _coordinatewise(updates: np.ndarray, keep_lo: int, keep_hi: int) -> tuple[np
     kept = np.zeros(n)
     for part in _for_blocks(updates, block_stats):
         kept += part
-    return out, kept / d
+    return out, kept
 
 
 def median(updates: np.ndarray) -> AggregationResult:
@@ -441,7 +451,7 @@ def median(updates: np.ndarray) -> AggregationResult:
     n = updates.shape[0]
     lo, hi = (n - 1) // 2, n // 2 + 1
     vector, kept = _coordinatewise(updates, lo, hi)
-    return AggregationResult(vector, selected=np.flatnonzero(kept > 0), scores=kept)
+    return AggregationResult(vector, selected=np.flatnonzero(kept > 0), scores=kept / updates.shape[1])
 
 
 def trimmed_mean(updates: np.ndarray, f: int) -> AggregationResult:
@@ -452,7 +462,7 @@ def trimmed_mean(updates: np.ndarray, f: int) -> AggregationResult:
     n = updates.shape[0]
     check_f("trimmed_mean", n, f)
     vector, kept = _coordinatewise(updates, f, n - f)
-    return AggregationResult(vector, selected=np.flatnonzero(kept > 0), scores=kept)
+    return AggregationResult(vector, selected=np.flatnonzero(kept > 0), scores=kept / updates.shape[1])
 
 
 def meamed(updates: np.ndarray, f: int) -> AggregationResult:
@@ -469,18 +479,27 @@ def meamed(updates: np.ndarray, f: int) -> AggregationResult:
     updates = _as_updates(updates)
     n, d = updates.shape
     check_f("meamed", n, f)
+    vector, kept = closest_to_median(updates, n - f)
+    kept /= d
+    return AggregationResult(vector, selected=np.flatnonzero(kept > 0), scores=kept)
+
+
+def closest_to_median(updates: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per coordinate, the mean of the ``keep`` values closest to the coordinate's median
+    (ties to the lowest row), in float64; and per row, the number of coordinates where
+    its value was among them. Column by column: a column block gives its columns' values."""
+    n, d = updates.shape
     out = np.empty(d)
 
     def block_mean(cols, block):
-        order = np.argsort(np.abs(block - np.median(block, axis=0)), axis=0, kind="stable")[: n - f]
+        order = np.argsort(np.abs(block - np.median(block, axis=0)), axis=0, kind="stable")[:keep]
         out[cols] = np.take_along_axis(block, order, axis=0).mean(axis=0)
         return np.bincount(order.ravel(), minlength=n)
 
     kept = np.zeros(n)
     for part in _for_blocks(updates, block_mean):
         kept += part
-    kept /= d
-    return AggregationResult(out, selected=np.flatnonzero(kept > 0), scores=kept)
+    return out, kept
 
 
 def geometric_median(updates: np.ndarray, weights: np.ndarray | None = None, *, smoothing: float = 1e-6,
@@ -504,41 +523,64 @@ def geometric_median(updates: np.ndarray, weights: np.ndarray | None = None, *, 
     updates = _as_updates(updates)
     n, d = updates.shape
     w = _normalised_weights(weights, n)
-    alpha = w.copy()
-    iterations, converged, recenters = 0, False, 0
+    run = Weiszfeld(w, d, smoothing, tol, max_iter)
     center = None
-    while True:
-        gram = _centered_gram(updates, center=center)
+    while not run.iterate(_centered_gram(updates, center=center)):
+        center = weighted_sum(updates, run.alpha)
+    return AggregationResult(weighted_sum(updates, run.alpha), **run.outcome())
+
+
+class Weiszfeld:
+    """The smoothed Weiszfeld iterations of :func:`geometric_median` on the iterate's
+    weights ``alpha`` over the rows, given Gram matrices of the rows centered at some
+    point; the caller computes each Gram matrix (over the whole rows, or combined from
+    column blocks) and the new center, the weighted sum of the rows by ``alpha``."""
+
+    def __init__(self, w: np.ndarray, d: int, smoothing: float, tol: float, max_iter: int):
+        self.w, self.d, self.smoothing, self.tol, self.max_iter = w, d, smoothing, tol, max_iter
+        self.alpha = w.copy()
+        self.iterations, self.converged, self.recenters = 0, False, 0
+        self.dist = None
+
+    def iterate(self, gram: np.ndarray) -> bool:
+        """Iterate on ``gram``; True when done, False when the Gram matrix must be rebuilt
+        around the current iterate (``alpha``) first."""
+        w, smoothing = self.w, self.smoothing
         diag = np.diag(gram)
 
-        def sq_distances(a: np.ndarray, gram: np.ndarray = gram, diag: np.ndarray = diag) -> np.ndarray:
+        def sq_distances(a: np.ndarray) -> np.ndarray:
             ga = gram @ a
             return np.maximum(a @ ga - 2.0 * ga + diag, 0.0)
 
+        alpha = self.alpha
         dist = np.sqrt(sq_distances(alpha))
-        converged = False
-        while iterations < max_iter:
-            iterations += 1
+        self.converged = False
+        while self.iterations < self.max_iter:
+            self.iterations += 1
             beta = w / np.maximum(smoothing, dist)
             new_alpha = beta / beta.sum()
             step = new_alpha - alpha
             moved = math.sqrt(max(float(step @ (gram @ step)), 0.0))  # |v_new - v_old|
             alpha = new_alpha
             dist = np.sqrt(sq_distances(alpha))
-            if moved <= tol * float(np.median(dist)):
-                converged = True
+            if moved <= self.tol * float(np.median(dist)):
+                self.converged = True
                 break
+        self.alpha, self.dist = alpha, dist
         # digits left in each |v - x_j|^2 after cancelling terms of size G_jj and a^T G a
         spread = diag + float(alpha @ (gram @ alpha))
-        lost = dist ** 2 < _RECENTER_RTOL * math.sqrt(d) * spread
-        if not lost[alpha > 0].any() or recenters == 3 or iterations >= max_iter:
-            break
-        center = weighted_sum(updates, alpha)
-        recenters += 1
-    beta = w / np.maximum(smoothing, dist)
-    return AggregationResult(weighted_sum(updates, alpha), selected=np.flatnonzero(alpha > 0), scores=beta / beta.sum(),
-                             info={"iterations": iterations, "converged": converged, "objective": float(w @ dist),
-                                   "recenters": recenters})
+        lost = dist ** 2 < _RECENTER_RTOL * math.sqrt(self.d) * spread
+        if not lost[alpha > 0].any() or self.recenters == 3 or self.iterations >= self.max_iter:
+            return True
+        self.recenters += 1
+        return False
+
+    def outcome(self) -> dict:
+        """``selected``, ``scores`` and ``info`` of the result."""
+        beta = self.w / np.maximum(self.smoothing, self.dist)
+        return {"selected": np.flatnonzero(self.alpha > 0), "scores": beta / beta.sum(),
+                "info": {"iterations": self.iterations, "converged": self.converged,
+                         "objective": float(self.w @ self.dist), "recenters": self.recenters}}
 
 
 def bulyan(updates: np.ndarray, f: int) -> AggregationResult:
@@ -554,25 +596,24 @@ def bulyan(updates: np.ndarray, f: int) -> AggregationResult:
     n = updates.shape[0]
     check_f("bulyan", n, f)
     dist = pairwise_sq_distances(updates)
-    theta, beta = n - 2 * f, n - 4 * f
+    chosen = bulyan_selection(dist, f)
+    out = closest_to_median(updates[chosen], n - 4 * f)[0]
+    return AggregationResult(out, selected=chosen, scores=krum_scores(dist, f))
+
+
+def bulyan_selection(dist: np.ndarray, f: int) -> np.ndarray:
+    """Bulyan's step 1 on the (n, n) squared distances: theta = n - 2f rows, each the
+    Krum choice among the rows not yet selected; sorted."""
+    n = len(dist)
     remaining = list(range(n))
     chosen = []
-    for _ in range(theta):
+    for _ in range(n - 2 * f):
         sub = dist[np.ix_(remaining, remaining)]
         scores = krum_scores(sub, f)
         pick = remaining[int(_rank(scores)[0])]
         chosen.append(pick)
         remaining.remove(pick)
-    chosen = np.sort(np.array(chosen))
-    selected_rows = updates[chosen]
-    out = np.empty(updates.shape[1])
-
-    def closest_to_median(cols, block):
-        order = np.argsort(np.abs(block - np.median(block, axis=0)), axis=0, kind="stable")[:beta]
-        out[cols] = np.take_along_axis(block, order, axis=0).mean(axis=0)
-
-    _for_blocks(selected_rows, closest_to_median)
-    return AggregationResult(out, selected=chosen, scores=krum_scores(dist, f))
+    return np.sort(np.array(chosen))
 
 
 def centered_clipping(updates: np.ndarray, tau: float, iterations: int = 1,
@@ -585,6 +626,16 @@ def centered_clipping(updates: np.ndarray, tau: float, iterations: int = 1,
     """
     updates = _as_updates(updates)
     n, d = updates.shape
+    v = clipping_start(tau, iterations, center, d)
+    factors = np.ones(n)
+    for _ in range(iterations):
+        factors = np.minimum(1.0, tau / np.maximum(np.sqrt(sq_to_center(updates, v)), np.finfo(float).tiny))
+        v = v + clipped_step(updates, v, factors)
+    return AggregationResult(v, selected=_all_rows(n), scores=factors)
+
+
+def clipping_start(tau: float, iterations: int, center: np.ndarray | None, d: int) -> np.ndarray:
+    """Centered clipping's checks, and its starting point (float64 (d,): ``center``, or zeros)."""
     if tau <= 0:
         raise ValueError(f"centered_clipping needs tau > 0, got {tau}")
     if iterations < 1:
@@ -592,21 +643,27 @@ def centered_clipping(updates: np.ndarray, tau: float, iterations: int = 1,
     v = np.zeros(d) if center is None else np.array(center, dtype=np.float64)
     if v.shape != (d,):
         raise ValueError(f"center must have shape ({d},), got {v.shape}")
-    factors = np.ones(n)
-    for _ in range(iterations):
-        sq = np.zeros(n)
-        for part in _for_blocks(updates, lambda cols, block, v=v: np.einsum("ij,ij->i", block - v[cols], block - v[cols])):
-            sq += part
-        factors = np.minimum(1.0, tau / np.maximum(np.sqrt(sq), np.finfo(float).tiny))
-        step = np.empty(d)
+    return v
 
-        def clipped_step(cols, block, v=v, factors=factors, step=step):
-            block -= v[cols]
-            step[cols] = factors @ block / n
 
-        _for_blocks(updates, clipped_step)
-        v = v + step
-    return AggregationResult(v, selected=_all_rows(n), scores=factors)
+def sq_to_center(updates: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """(n,) float64 |x_i - v|^2, summed by column block in order."""
+    sq = np.zeros(updates.shape[0])
+    for part in _for_blocks(updates, lambda cols, block: np.einsum("ij,ij->i", block - v[cols], block - v[cols])):
+        sq += part
+    return sq
+
+
+def clipped_step(updates: np.ndarray, v: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """(d,) float64 mean_i (x_i - v) * factors[i]: centered clipping's step."""
+    step = np.empty(updates.shape[1])
+
+    def block_step(cols, block):
+        block -= v[cols]
+        step[cols] = factors @ block / len(factors)
+
+    _for_blocks(updates, block_step)
+    return step
 
 
 # --------------------------------------------------------------------------- pre-aggregation
@@ -617,8 +674,13 @@ def nnm_neighbours(updates: np.ndarray, f: int) -> np.ndarray:
     updates = _as_updates(updates)
     n = updates.shape[0]
     check_f("nnm", n, f)
-    dist = pairwise_sq_distances(updates)
-    return np.stack([np.sort(_rank(dist[i])[: n - f]) for i in range(n)])
+    return nearest_rows(pairwise_sq_distances(updates), n - f)
+
+
+def nearest_rows(dist: np.ndarray, keep: int) -> np.ndarray:
+    """(n, keep) indices: for each row of the (n, n) squared distances, its ``keep``
+    nearest rows (itself included), ties by index, sorted."""
+    return np.stack([np.sort(_rank(dist[i])[:keep]) for i in range(len(dist))])
 
 
 def average_groups(updates: np.ndarray, groups: list) -> np.ndarray:
@@ -793,7 +855,17 @@ def mda(updates: np.ndarray, f: int, max_subsets: int = MDA_MAX_SUBSETS) -> Aggr
     if subsets > max_subsets:
         raise ValueError(f"mda: C(n, f) = C({n}, {f}) = {subsets} subsets of n - f = {n - f} rows to search, "
                          f"more than the bound max_subsets = {max_subsets} (MDA_MAX_SUBSETS)")
-    sq = _sq_distances_finite(updates)
+    chosen, best_rows, best, ties = mda_search(_sq_distances_finite(updates), f)
+    return AggregationResult(_mean_of(updates, chosen), selected=chosen, scores=np.sqrt(best_rows),
+                             info={"diameter": math.sqrt(best), "subsets": subsets, "ties": ties})
+
+
+def mda_search(sq: np.ndarray, f: int) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """MDA's exhaustive search on the (n, n) squared distances (+inf for a non-finite
+    row): (the chosen n - f rows, per row the smallest squared diameter of a subset
+    containing it, the chosen squared diameter, the subsets tied with it)."""
+    n = len(sq)
+    subsets = math.comb(n, f)
     keep = n - f
     iu = np.triu_indices(n, 1)
     pair_sq = sq[iu]
@@ -830,8 +902,7 @@ def mda(updates: np.ndarray, f: int, max_subsets: int = MDA_MAX_SUBSETS) -> Aggr
     masks = np.concatenate([c[1] for c in candidates])
     tied = (diam <= best * (1.0 + _TIE_RTOL)) | (diam == best)
     chosen = np.flatnonzero(masks[tied][_lexicographic_first(masks[tied])])
-    return AggregationResult(_mean_of(updates, chosen), selected=chosen, scores=np.sqrt(best_rows),
-                             info={"diameter": math.sqrt(best), "subsets": subsets, "ties": int(tied.sum())})
+    return chosen, best_rows, best, int(tied.sum())
 
 
 def sq_distances_to(updates: np.ndarray, point: np.ndarray) -> np.ndarray:
@@ -915,6 +986,22 @@ def arc_count(n: int, f: int) -> int:
     return (2 * f * (n - f)) // n
 
 
+def arc_factors(norms: np.ndarray, f: int) -> np.ndarray:
+    """ARC's per-row scaling factors from the rows' norms: the k = arc_count(n, f) largest
+    scaled to the (k+1)-th largest norm, the others 1."""
+    n = len(norms)
+    k = arc_count(n, f)
+    factors = np.ones(n)
+    if k:
+        key = np.where(np.isnan(norms), np.inf, norms)
+        order = np.lexsort((np.arange(n), -key))  # largest norm first, ties by lowest index
+        threshold = float(norms[order[k]])
+        top = order[:k]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            factors[top] = np.where(norms[top] > threshold, threshold / norms[top], 1.0)
+    return factors
+
+
 def arc(updates: np.ndarray, f: int) -> np.ndarray:
     """Adaptive Robust Clipping (Allouah, Guerraoui, Gupta, Jellouli, Rizk and
     Stephan, "Boosting Robustness by Clipping Gradients in Distributed Learning",
@@ -938,16 +1025,7 @@ def arc(updates: np.ndarray, f: int) -> np.ndarray:
     updates = _as_updates(updates)
     n = updates.shape[0]
     check_f("arc", n, f)
-    k = arc_count(n, f)
-    norms = row_norms(updates)
-    factors = np.ones(n)
-    if k:
-        key = np.where(np.isnan(norms), np.inf, norms)
-        order = np.lexsort((np.arange(n), -key))  # largest norm first, ties by lowest index
-        threshold = float(norms[order[k]])
-        top = order[:k]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            factors[top] = np.where(norms[top] > threshold, threshold / norms[top], 1.0)
+    factors = arc_factors(row_norms(updates), f)
     out = np.empty(updates.shape)
 
     def scale_block(cols, block):

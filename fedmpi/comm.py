@@ -57,6 +57,11 @@ def launcher_size() -> int:
     return _env_int(_SIZE_VARS) or 1
 
 
+def launcher_local_size() -> int:
+    """Ranks the launcher started on this node (all of them when it does not say)."""
+    return _env_int(_LOCAL_SIZE_VARS) or launcher_size()
+
+
 def prepare_environment() -> bool:
     """Enable MPICH heavy yield when ranks on this node outnumber its cores.
 
@@ -65,8 +70,7 @@ def prepare_environment() -> bool:
     """
     var = "MPIR_CVAR_ENABLE_HEAVY_YIELD"
     if var not in os.environ:
-        local = _env_int(_LOCAL_SIZE_VARS) or launcher_size()
-        if local > usable_cores():
+        if launcher_local_size() > usable_cores():
             os.environ[var] = "1"
     return os.environ.get(var) == "1"
 
@@ -99,6 +103,30 @@ class SingleProcess:
 
     def local_rank(self) -> int:
         return 0
+
+    # ---- transport: sharded (one rank holds every block)
+
+    def share(self, value: Any) -> Any:
+        return value
+
+    def isend(self, array: np.ndarray, dest: int, tag: int):
+        raise RuntimeError("one process sends to no other rank")  # the block tree never sends with one rank
+
+    recv = isend
+
+    def waitall(self, requests: list) -> None:
+        pass
+
+    def exchange_columns(self, local: np.ndarray, counts: Sequence[int], spans: Sequence[tuple[int, int]]) -> np.ndarray:
+        return local
+
+    def gather_columns(self, local: np.ndarray, out: np.ndarray | None, spans: Sequence[tuple[int, int]]) -> None:
+        if out is not None and not np.shares_memory(local, out):
+            out[spans[0][0]:spans[0][1]] = local
+
+    def scatter_columns(self, full: np.ndarray | None, local: np.ndarray, spans: Sequence[tuple[int, int]]) -> None:
+        if full is not None and not np.shares_memory(local, full):
+            local[...] = full[spans[0][0]:spans[0][1]]
 
     def abort(self, code: int = 1) -> None:
         sys.stderr.flush()
@@ -185,6 +213,88 @@ class MPIComm:
     def reduce_sum(self, local: np.ndarray, out: np.ndarray | None) -> None:
         """Element-wise sum of every rank's ``local`` into ``out`` on rank 0 (MPI Reduce)."""
         self.comm.Reduce(local, out if self.rank == 0 else None, op=self.MPI.SUM, root=0)
+
+    # ---- transport: sharded
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank: a small control record (a decision), pickled."""
+        return self.comm.bcast(value, root=0)
+
+    def isend(self, array: np.ndarray, dest: int, tag: int):
+        """Non-blocking send of a contiguous float64 array (a partial of the block tree)."""
+        return self.comm.Isend(array, dest=dest, tag=tag)
+
+    def recv(self, array: np.ndarray, source: int, tag: int) -> None:
+        self.comm.Recv(array, source=source, tag=tag)
+
+    def waitall(self, requests: list) -> None:
+        if requests:
+            self.MPI.Request.Waitall(requests)
+
+    def exchange_columns(self, local: np.ndarray, counts: Sequence[int], spans: Sequence[tuple[int, int]]) -> np.ndarray:
+        """Every rank's rows (counts[r], d) float32 in, this rank's columns of all of them
+        out: (sum(counts), width), rows in rank order, i.e. cohort order (one Alltoallw;
+        what goes to rank q is a strided vector type over the rows, so nothing is packed)."""
+        d = local.shape[1]
+        lo, hi = spans[self.rank]
+        width = hi - lo
+        out = np.empty((sum(counts), width), dtype=np.float32)
+        base = self.MPI.FLOAT
+        send_types, send_counts, send_displs, vectors = [], [], [], []
+        for q_lo, q_hi in spans:
+            if len(local) and q_hi > q_lo:
+                vector = base.Create_vector(len(local), q_hi - q_lo, d).Commit()
+                vectors.append(vector)
+                send_types.append(vector)
+                send_counts.append(1)
+                send_displs.append(q_lo * 4)
+            else:
+                send_types.append(base)
+                send_counts.append(0)
+                send_displs.append(0)
+        row = self._row_type(np.float32, width) if width else base
+        recv_counts = [c if width else 0 for c in counts]
+        recv_displs = [sum(counts[:s]) * width * 4 for s in range(len(counts))]
+        try:
+            self._alltoallw([local, send_counts, send_displs, send_types], [out, recv_counts, recv_displs, [row] * len(counts)])
+        finally:
+            for vector in vectors:
+                vector.Free()
+        return out
+
+    def _column_layout(self, spans: Sequence[tuple[int, int]]) -> tuple[list, list]:
+        return [hi - lo for lo, hi in spans], [lo for lo, _ in spans]
+
+    def gather_columns(self, local: np.ndarray, out: np.ndarray | None, spans: Sequence[tuple[int, int]]) -> None:
+        """Each rank's columns (its ``spans`` entry) of a (d,) vector into ``out`` on rank 0,
+        where ``local`` is already ``out``'s own span (gathered in place)."""
+        counts, displs = self._column_layout(spans)
+        if self.rank == 0:
+            self._gatherv(self.MPI.IN_PLACE, [out, counts, displs, self.MPI._typedict[out.dtype.char]])
+        else:
+            self._gatherv(local, None)
+
+    def scatter_columns(self, full: np.ndarray | None, local: np.ndarray, spans: Sequence[tuple[int, int]]) -> None:
+        """Rank 0's (d,) vector ``full``, each rank's span of it into its ``local`` (rank 0's
+        own span copied locally)."""
+        counts, displs = self._column_layout(spans)
+        if self.rank == 0:
+            lo, hi = spans[0]
+            local[...] = full[lo:hi]
+            self._scatterv([full, counts, displs, self.MPI._typedict[full.dtype.char]], self.MPI.IN_PLACE)
+        else:
+            self._scatterv(None, local)
+
+    # the blocking calls under the column transfers (RunComm makes them non-blocking)
+
+    def _alltoallw(self, send: list, recv: list) -> None:
+        self.comm.Alltoallw(send, recv)
+
+    def _gatherv(self, send, recv) -> None:
+        self.comm.Gatherv(send, recv, root=0)
+
+    def _scatterv(self, send, recv) -> None:
+        self.comm.Scatterv(send, recv, root=0)
 
     def local_rank(self) -> int:
         """This rank's index among the ranks on its node (shared-memory split)."""
@@ -291,6 +401,28 @@ class RunComm(MPIComm):
 
     def local_rank(self) -> int:
         return self._local_rank
+
+    # transport: sharded: the same calls, waited for while watching for a failure notice
+
+    def share(self, value: Any) -> Any:
+        self.barrier_idle()
+        return super().share(value)
+
+    def recv(self, array: np.ndarray, source: int, tag: int) -> None:
+        self._wait(self.comm.Irecv(array, source=source, tag=tag), idle=False)
+
+    def waitall(self, requests: list) -> None:
+        for request in requests:
+            self._wait(request, idle=False)
+
+    def _alltoallw(self, send: list, recv: list) -> None:
+        self._wait(self.comm.Ialltoallw(send, recv), idle=False)
+
+    def _gatherv(self, send, recv) -> None:
+        self._wait(self.comm.Igatherv(send, recv, root=0), idle=False)
+
+    def _scatterv(self, send, recv) -> None:
+        self._wait(self.comm.Iscatterv(send, recv, root=0), idle=False)
 
     def notify_failure(self) -> None:
         """This rank failed: tell every peer (they raise PeerFailed in their next wait)."""

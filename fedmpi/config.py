@@ -49,6 +49,7 @@ from .schema import (
     read_file,
     replace,
 )
+from .sharded.rules import COLUMNWISE_ATTACKS, SHARDED_RULES, SHARDED_STEPS
 
 __all__ = ["Config", "ConfigError", "apply_override", "build", "flatten", "from_dict", "from_mapping", "load",
            "num_byzantine", "read_file", "resolve", "validate"]
@@ -236,6 +237,7 @@ def validate(cfg: Config) -> None:
             reasons.append("privacy.mode = client_central clips every row on rank 0")
         _require(not reasons, "transport", "reduce", "workers pre-sum FedAvg updates, but " + "; ".join(reasons)
                  + " (use transport: gather)")
+    _validate_sharded(cfg)
 
     _at_least("eval.every", cfg.eval.every, 1)
     _at_least("eval.batch_size", cfg.eval.batch_size, 1)
@@ -245,6 +247,30 @@ def validate(cfg: Config) -> None:
     _at_least("output.checkpoint_every", o.checkpoint_every, 0)
     if o.path is not None:
         _require(o.path.strip() != "", "output.path", o.path, "must not be empty")
+
+
+def _validate_sharded(cfg: Config) -> None:
+    """transport: sharded needs every step, the rule and any server-side attack to work on
+    column blocks; shard_block is its key."""
+    _at_least("shard_block", cfg.shard_block, 2)
+    if cfg.transport != "sharded":
+        _require(cfg.shard_block == Config.shard_block, "shard_block", cfg.shard_block,
+                 f"only used with transport = sharded (transport is {cfg.transport})")
+        return
+    g, a = cfg.aggregator, cfg.attack
+    for i, step in enumerate(g.pre):
+        _require(step.name in SHARDED_STEPS, f"aggregator.pre[{i}].name", step.name,
+                 f"has no column-block form for transport: sharded (it has: {', '.join(SHARDED_STEPS)})")
+    _require(g.name in SHARDED_RULES, "aggregator.name", g.name,
+             f"has no column-block form for transport: sharded (it has: {', '.join(SHARDED_RULES)})")
+    _require(extensions.attack(a.name).on_server is None or a.name in COLUMNWISE_ATTACKS, "attack.name", a.name,
+             "acts on whole rows on rank 0, which transport: sharded never gathers (coordinate-wise attacks that "
+             f"run on column blocks: {', '.join(sorted(COLUMNWISE_ATTACKS))}); use transport: gather")
+    _require(cfg.privacy.mode != "client_central", "privacy.mode", "client_central",
+             "clips and noises the rows on rank 0; not with transport: sharded (use transport: gather)")
+    _require(not is_path(cfg.server.optimizer), "server.optimizer", cfg.server.optimizer,
+             "user code steps the whole model on rank 0; transport: sharded steps each rank's columns with the "
+             f"built-in optimizers ({', '.join(OPTIMIZERS)}); use transport: gather")
 
 
 def _validate_data(cfg: Config) -> None:

@@ -204,7 +204,7 @@ class GroupRunner:
         """Every rank of the group: ``python -m fedmpi.run`` with ``argv``, on the group."""
         args = parse_args([*argv, "--quiet"])
         try:
-            prepared = prepare(args, self.group.rank)
+            prepared = prepare(args, self.group.rank, ranks=self.group.size)
         except Exception as exc:  # noqa: BLE001 - not a config problem (those are in .error) but a bug: report it
             traceback.print_exc()
             prepared = Prepared(error=f"{type(exc).__name__}: {exc}")

@@ -23,15 +23,17 @@ from .architectures import ARCHITECTURES, count_params
 from .data import FederatedData
 from .extensions import ExtensionFailed, is_path, one_line
 from .schema import Config, ConfigError
+from .sharded.layout import BlockLayout
 from .system import available_memory
 
 PROBE_WIDTH = 6  # parameters of the probe rows that user code on rank 0 is tried on
 
 
-def preflight(cfg: Config, rank: int, new_file: bool = True) -> FederatedData:
+def preflight(cfg: Config, rank: int, new_file: bool = True, ranks: int = 1, local_ranks: int = 1) -> FederatedData:
     """Check ``cfg`` against the world and load this rank's data (training data on
     every rank, the test set on rank 0). ``new_file``: the run creates its results
-    file (not a resume)."""
+    file (not a resume). ``ranks``: the world size; ``local_ranks``: ranks on this
+    node (they share its memory)."""
     if rank == 0 and new_file:
         check_output_path(cfg)
     dataset = extensions.dataset(cfg.data.name)
@@ -42,7 +44,8 @@ def preflight(cfg: Config, rank: int, new_file: bool = True) -> FederatedData:
     check_attack(cfg, data)
     if rank == 0:
         probe_server_code(cfg, data, num_params)
-        check_memory(cfg, data, num_params)
+    if rank == 0 or cfg.transport == "sharded":
+        check_memory(cfg, data, rank, ranks, local_ranks, num_params)
     return data
 
 
@@ -272,41 +275,94 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def server_memory(cfg: Config, data: FederatedData, num_params: int | None = None) -> tuple[int, int, int]:
-    """(bytes of update rows, other bytes rank 0 will allocate, parameters d): an estimate
-    made before the first round. Rows: cohort x d x 4 (none with transport: reduce);
-    the rest from the registries: each pre-aggregation step's float64 rows, what the
-    rule allocates, the honest rows an omniscient attack copies. ``num_params``: d,
-    when known (a user model's is counted by building it)."""
-    d = num_params if num_params is not None else count_params(cfg.model, data.input_shape, data.num_classes)
+def _cohort_bound(cfg: Config) -> int:
     k = cfg.clients.per_round
     if cfg.clients.sampling == "poisson":  # the cohort varies: allow for a large one
         k = min(cfg.clients.total, int(k + 6 * math.sqrt(k) + 1))
+    return k
+
+
+def server_memory(cfg: Config, data: FederatedData, num_params: int | None = None) -> tuple[int, int, int]:
+    """(bytes of update rows, other bytes rank 0 will allocate, parameters d): an estimate
+    made before the first round, with ``transport: gather`` or ``reduce``.
+    Rows: cohort x d x 4 (none with transport: reduce); the rest from the registries:
+    each pre-aggregation step's float64 rows, what the rule allocates, the honest rows
+    an omniscient attack copies. ``num_params``: d, when known (a user model's is
+    counted by building it)."""
+    d = num_params if num_params is not None else count_params(cfg.model, data.input_shape, data.num_classes)
+    k = _cohort_bound(cfg)
     rows = 0 if cfg.transport == "reduce" else k * d * 4
-    other = 8 * d * 8  # weights, aggregate, optimizer state, checkpoint slots, center...
+    return rows, 8 * d * 8 + _rule_memory(cfg, k, d), d
+
+
+def _rule_memory(cfg: Config, k: int, width: int) -> int:
+    """Bytes the steps, the rule and an omniscient attack allocate over ``width`` columns
+    of k rows: each step's float64 rows, the rule's own, the honest rows copied."""
     g = cfg.aggregator
-    n = k
+    other, n = 0, k
     for i, step in enumerate(g.pre):
         n = extensions.pre_step(step.name, step.params, f"aggregator.pre[{i}].name").rows_after(n, step)
-        other += n * d * 8
-    other += extensions.rule(g.name, g.params).memory(n, d, g.f)
+        other += n * width * 8
+    other += extensions.rule(g.name, g.params).memory(n, width, g.f)
     attack = extensions.attack(cfg.attack.name)
     if attack.needs_rows:
-        other += k * d * 4 + attack.memory(k, d)  # the honest rows, copied, and what the attack's search holds
-    return rows, other, d
+        other += k * width * 4 + attack.memory(k, width)  # the honest rows, copied, and what the attack's search holds
+    return other
 
 
-def check_memory(cfg: Config, data: FederatedData, num_params: int | None = None) -> None:
-    """Rank 0: refuse, before any work, a run whose rows would not fit its budget."""
-    rows, other, d = server_memory(cfg, data, num_params)
+def sharded_memory(cfg: Config, d: int, rank: int, ranks: int) -> tuple[int, int, int]:
+    """(bytes of update columns, bytes of training rows, other bytes) that ``rank`` of
+    ``ranks`` will allocate with ``transport: sharded``: its blocks' columns of every
+    row (cohort x w x 4, w = its share of the d columns); the rows it trains (k_r x d x
+    4, none on rank 0 of several ranks: its share of the cohort is zero); what the steps,
+    the rule and an attack allocate over its w columns; the n x n float64 matrices of
+    the block tree (at most one partial per tree level, plus rank 0's distances, Krum's
+    sorted copy and the Gram matrix: log2(blocks) + 6 of them); whole-model vectors
+    (the weights, the model's parameters and gradients, a checkpoint's gathered state:
+    4 x d x 8) and its columns of the float64 ones (aggregate, optimizer and rule state:
+    8 x w x 8)."""
+    from .protocol import slot_counts
+
+    k = _cohort_bound(cfg)
+    layout = BlockLayout(d, cfg.shard_block, ranks)
+    width = layout.width(rank)
+    training = slot_counts(k, ranks)[rank] * d * 4 if ranks > 1 else 0
+    matrices = (math.ceil(math.log2(layout.blocks)) + 6) * k * k * 8 if layout.blocks > 1 else 6 * k * k * 8
+    return k * width * 4, training, 4 * d * 8 + 8 * width * 8 + _rule_memory(cfg, k, width) + matrices
+
+
+def check_memory(cfg: Config, data: FederatedData, rank: int = 0, ranks: int = 1, local_ranks: int = 1,
+                 num_params: int | None = None) -> None:
+    """Refuse, before any work, a run whose rows would not fit the budget: rank 0's with
+    ``transport: gather`` or ``reduce``; every rank's with ``transport: sharded``, where
+    each holds its blocks' columns (the node's available memory is shared among the
+    ranks on it unless ``memory_limit_gb`` gives each rank's budget)."""
     resident = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    need = rows + other + resident + (128 << 20)  # + model, gradients, evaluation batches
+    sharded = cfg.transport == "sharded"
+    d = num_params if num_params is not None else count_params(cfg.model, data.input_shape, data.num_classes)
+    if sharded:
+        rows, training, other = sharded_memory(cfg, d, rank, ranks)
+    else:
+        rows, other, d = server_memory(cfg, data, d)
+        training = 0
+    need = rows + training + other + resident + (128 << 20)  # + model, gradients, evaluation batches
     if cfg.memory_limit_gb is not None:
         budget, what = int(cfg.memory_limit_gb * 2**30), f"memory_limit_gb = {cfg.memory_limit_gb:g}"
+    elif sharded and local_ranks > 1:
+        budget, what = available_memory() // local_ranks + resident, f"this node's available memory / {local_ranks} ranks"
     else:
         budget, what = available_memory() + resident, "the memory available on this node"
-    if need > budget:
+    if need <= budget:
+        return
+    if sharded:
+        width = BlockLayout(d, cfg.shard_block, ranks).width(rank)
         raise ConfigError("clients.per_round", cfg.clients.per_round,
-                          f"rank 0 would need about {_gib(need)}: {_gib(rows)} of update rows (cohort x {d} parameters "
-                          f"x 4 bytes) plus {_gib(need - rows)} of working memory, over its budget of {_gib(budget)} "
-                          f"({what}); lower clients.per_round, use transport: reduce (FedAvg), or raise memory_limit_gb")
+                          f"rank {rank} of {ranks} would need about {_gib(need)}: {_gib(rows)} of update columns (cohort x "
+                          f"its {width} of the {d} parameters x 4 bytes), {_gib(training)} of the rows it trains, plus "
+                          f"{_gib(need - rows - training)} of working memory, over its budget of {_gib(budget)} ({what}); "
+                          "lower clients.per_round, use more ranks (on more nodes), or raise memory_limit_gb")
+    raise ConfigError("clients.per_round", cfg.clients.per_round,
+                      f"rank 0 would need about {_gib(need)}: {_gib(rows)} of update rows (cohort x {d} parameters "
+                      f"x 4 bytes) plus {_gib(need - rows)} of working memory, over its budget of {_gib(budget)} "
+                      f"({what}); lower clients.per_round, use transport: reduce (FedAvg) or sharded, or raise "
+                      "memory_limit_gb")

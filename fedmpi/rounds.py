@@ -16,7 +16,9 @@ state in ``.state`` (checkpointed):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +38,9 @@ class Updates:
     ``counts``: slots per rank. ``byzantine``: which slots hold a Byzantine client.
     ``norms``: the L2 norm of each slot's update as received; ``finite``: whether
     every coordinate of it is finite (None: all are). A slot whose update is not
-    finite never reaches an aggregator's rule, and counts against f."""
+    finite never reaches an aggregator's rule, and counts against f. ``shard``:
+    ``transport: sharded``, this rank's columns of the rows
+    (:class:`fedmpi.sharded.columns.Columns`)."""
 
     cohort: np.ndarray
     records: np.ndarray
@@ -46,6 +50,7 @@ class Updates:
     byzantine: np.ndarray | None = None
     norms: np.ndarray | None = None
     finite: np.ndarray | None = None
+    shard: Any = None
 
     def record(self, name: str) -> np.ndarray:
         return self.records[:, RECORD[name]]
@@ -68,13 +73,15 @@ class Aggregate:
     per-slot clipping that the aggregator itself did (central DP), replacing the
     clients' records. ``skipped``: why the rule could not run on the round's finite
     updates (too few for its requirement); the server then leaves the model and its
-    state as they are."""
+    state as they are. ``norm``: the L2 norm of the whole aggregate where ``vector``
+    holds only this rank's columns (``transport: sharded``)."""
 
     vector: np.ndarray
     selected: np.ndarray
     scores: np.ndarray
     clipped: np.ndarray | None = None
     skipped: str | None = None
+    norm: float | None = None
 
 
 def finite_rows(rows: np.ndarray, kept: np.ndarray) -> np.ndarray:
@@ -113,28 +120,48 @@ class RuleAggregator:
     the row that stands for it.
     """
 
+    # the functions of the steps by name, where they are not the entries' own
+    # (fedmpi.sharded.round's subclass runs them over column blocks); the rule's is
+    # ``self.function``
+    step_functions: Mapping | None = None
+
     def __init__(self, cfg: Config, size: int):
         self.cfg = cfg
         self.size = size
         g = cfg.aggregator
         self.rule = extensions.rule(g.name, g.params)
         self.steps = [extensions.pre_step(step.name, step.params, f"aggregator.pre[{i}].name") for i, step in enumerate(g.pre)]
+        self.function = self.rule.function
         self.state: dict[str, np.ndarray] = self.rule.init_state(size) if self.rule.init_state else {}
 
     def __call__(self, updates: Updates, round_index: int) -> Aggregate:
         k = len(updates.cohort)
         if k == 0:  # an empty Poisson cohort leaves the model as it is
             return Aggregate(np.zeros(self.size), np.zeros(0, dtype=bool), np.full(0, np.nan))
-        g = self.cfg.aggregator
         kept = updates.kept
-        f = max(0, g.f - (k - len(kept)))
-        problem = self.unmet(len(kept), f) if len(kept) else "no finite update"
+        f, problem = self.finite_f(k, kept)
         if problem is not None:
-            return _skipped(self.size, k, kept, problem)
+            return self.skip(k, kept, problem)
         rows = finite_rows(updates.rows, kept)
         result, members, row_of_slot = self.apply(rows, updates.samples[kept].astype(np.float64), f, round_index)
         if self.rule.next_state is not None:
             self.state.update(self.rule.next_state(result))
+        return self.to_slots(result, members, row_of_slot, k, kept)
+
+    def finite_f(self, k: int, kept: np.ndarray) -> tuple[int, str | None]:
+        """The f the steps and the rule get when only ``kept`` of the k rows are finite
+        (each left-out row counts against f), and why they cannot run on those rows
+        (None: they can)."""
+        f = max(0, self.cfg.aggregator.f - (k - len(kept)))
+        return f, self.unmet(len(kept), f) if len(kept) else "no finite update"
+
+    def skip(self, k: int, kept: np.ndarray, problem: str) -> Aggregate:
+        """A round the rule cannot aggregate: the model and the rule's state stay as they are."""
+        return _skipped(self.size, k, kept, problem)
+
+    def to_slots(self, result: AggregationResult, members: np.ndarray, row_of_slot: np.ndarray, k: int,
+                 kept: np.ndarray) -> Aggregate:
+        """The rule's decision over the kept rows, per cohort slot (+inf scores where left out)."""
         selected = np.zeros(k, dtype=bool)
         selected[kept] = members[result.selected].any(axis=0) if result.selected is not None else members.any(axis=0)
         values = result.scores[row_of_slot] if result.scores is not None else np.nan
@@ -155,7 +182,8 @@ class RuleAggregator:
         for step_index, (step, entry) in enumerate(zip(g.pre, self.steps)):
             values = {"f": f, "rng": seeding.rng(self.cfg.seed, "bucketing", round_index, step_index),
                       "bucket_size": step.bucket_size, "max_norm": step.max_norm}
-            out = entry.function(rows, **{name: values[name] for name in entry.reads})
+            function = entry.function if self.step_functions is None else self.step_functions[step.name]
+            out = function(rows, **{name: values[name] for name in entry.reads})
             if out.groups is not None:
                 weights = np.array([weights[group].sum() for group in out.groups])
                 members = np.stack([members[group].any(axis=0) for group in out.groups])
@@ -166,7 +194,7 @@ class RuleAggregator:
                   "smoothing": g.smoothing, "tol": g.tol, "max_iter": g.max_iter, "state": self.state}
         if "rng" in self.rule.reads:  # user rules only
             values["rng"] = seeding.rng(self.cfg.seed, "rule", round_index)
-        result = self.rule.function(rows, **{name: values[name] for name in self.rule.reads})
+        result = self.function(rows, **{name: values[name] for name in self.rule.reads})
         return result, members, row_of_slot
 
     def simulate(self, rows: np.ndarray, f: int, round_index: int) -> AggregationResult:

@@ -51,7 +51,7 @@ import yaml
 
 from . import config as config_mod
 from . import extensions
-from .comm import SingleProcess, connect, launcher_rank, prepare_environment
+from .comm import SingleProcess, connect, launcher_local_size, launcher_rank, launcher_size, prepare_environment
 from .data import DataError
 from .extensions import ExtensionFailed
 from .preflight import preflight
@@ -152,10 +152,12 @@ def calibrate(cfg: Config, data, quiet: bool) -> float:
     return sigma
 
 
-def prepare_data(cfg: Config, rank: int, resume: dict | None, quiet: bool) -> tuple:
+def prepare_data(cfg: Config, rank: int, resume: dict | None, quiet: bool, ranks: int = 1,
+                 local_ranks: int = 1) -> tuple:
     """This rank's (data, calibrated noise multiplier or None): preflight, then on rank 0
-    the calibration to ``privacy.target_epsilon`` (taken from the file on resume)."""
-    data = preflight(cfg, rank, new_file=resume is None)
+    the calibration to ``privacy.target_epsilon`` (taken from the file on resume).
+    ``ranks`` / ``local_ranks``: the run's ranks, and those on this node."""
+    data = preflight(cfg, rank, new_file=resume is None, ranks=ranks, local_ranks=local_ranks)
     import torch  # noqa: F401 - every rank needs it; importing before MPI starts overlaps the ranks' imports
     calibrated = None
     if rank == 0 and cfg.privacy.target_epsilon is not None:
@@ -176,9 +178,11 @@ class Prepared:
     error: str | None = None
 
 
-def prepare(args: argparse.Namespace, rank: int) -> Prepared:
+def prepare(args: argparse.Namespace, rank: int, ranks: int | None = None, local_ranks: int | None = None) -> Prepared:
     """Step 1 of the start-up: config, preflight and calibration; a config or data
-    problem becomes ``error``. With ``--print-config`` only the config is resolved."""
+    problem becomes ``error``. With ``--print-config`` only the config is resolved.
+    ``ranks`` / ``local_ranks``: the run's ranks, and those on this node (default:
+    the launcher's)."""
     prepared = Prepared()
     try:
         if args.resume:
@@ -187,7 +191,8 @@ def prepare(args: argparse.Namespace, rank: int) -> Prepared:
             prepared.cfg = resolve(args)
         if args.print_config:
             return prepared
-        prepared.data, prepared.calibrated = prepare_data(prepared.cfg, rank, prepared.resume, args.quiet)
+        prepared.data, prepared.calibrated = prepare_data(prepared.cfg, rank, prepared.resume, args.quiet,
+                                                          ranks or launcher_size(), local_ranks or launcher_local_size())
     except ConfigError as exc:
         kind = "data error" if isinstance(exc, DataError) else "config error"
         prepared.error = f"{kind}: {exc}"
@@ -309,7 +314,9 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
 
     from .models import FlatModel, build_model, init_weights, layout
     from .protocol import RoundMessages
-    from .worker import ClientHost, LocalClients, RemoteClients, serve
+    from .sharded.layout import BlockLayout
+    from .sharded.round import ShardContext, ShardedWorker
+    from .worker import ClientHost, LocalClients, RemoteClients, ShardedClients, serve
 
     torch.set_num_threads(cfg.threads)
     _single_threaded_blas()
@@ -327,11 +334,14 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
     weights = init_weights(module, cfg.seed).copy() if comm.rank == 0 else None
     model = FlatModel(module, choose_device(cfg, comm))
     reduce = cfg.transport == "reduce"
+    blocks = BlockLayout(model.size, cfg.shard_block, comm.size) if cfg.transport == "sharded" else None
+    messages = RoundMessages(comm, model.size, reduce, blocks) if comm.size > 1 else None
     if comm.rank != 0:
         # rank 0 decides when to stop (after a checkpoint) and tells the workers
         if stop is None:
             _on_stop_signals(lambda name: None)
-        return serve(RoundMessages(comm, model.size, reduce), ClientHost(cfg, data, model))
+        sharded = ShardedWorker(cfg, model.size, messages) if blocks is not None else None
+        return serve(messages, ClientHost(cfg, data, model), sharded)
 
     from .results import ResultsWriter, read_checkpoint
     from .server import ServerLoop
@@ -339,7 +349,9 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
     if comm.size == 1:
         clients = LocalClients(ClientHost(cfg, data, model), model.size, reduce)
     else:
-        clients = RemoteClients(RoundMessages(comm, model.size, reduce))
+        clients = RemoteClients(messages)
+    if blocks is not None:
+        clients = ShardedClients(cfg, ShardContext(blocks, comm, messages), clients if comm.size == 1 else None)
     loop = ServerLoop(cfg, clients, data, model, weights, writer=None, quiet=quiet)
     if stop is None:
         _on_stop_signals(lambda name: setattr(loop, "stop_signal", name))

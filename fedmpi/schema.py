@@ -199,9 +199,10 @@ class Config:
     threads: int = 1  # torch threads per rank; ranks are the parallelism
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # cuda: GPU local_rank % GPUs per node; auto: cuda if present
     # gather: every update row reaches rank 0 (any aggregator, per-client records);
-    # reduce: workers pre-sum weighted updates, one MPI Reduce (FedAvg only, O(d) memory on rank 0)
-    transport: Literal["gather", "reduce"] = "gather"
-    memory_limit_gb: float | None = None  # rank 0's budget; default: the node's available memory
+    # reduce: workers pre-sum weighted updates, one MPI Reduce (FedAvg only, O(d) memory on rank 0);
+    # sharded: every rank holds column blocks of every row and aggregates them (any rule, O(K d / P) per rank)
+    transport: Literal["gather", "reduce", "sharded"] = "gather"
+    memory_limit_gb: float | None = None  # each rank's budget; default: the node's available memory (shared by its ranks)
     data: DataConfig = field(default_factory=DataConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -212,6 +213,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    shard_block: int = 4096  # transport sharded: columns per block (fixed: results do not depend on the rank count)
 
     def to_dict(self) -> dict:
         """Plain nested dicts and lists (what YAML and JSON hold)."""

@@ -55,6 +55,7 @@ from .protocol import EXIT_CHECKPOINTED, EXIT_DIVERGED, EXIT_FAILED, EXIT_OK
 from .results import ClientRecords, ResultsWriter, RoundRecord, progress_line
 from .rounds import Aggregate, PresummedMean, RuleAggregator, Updates
 from .schema import Config
+from .sharded.round import ShardedAggregator, ShardedServerOptimizer
 from .training import evaluate
 
 
@@ -68,14 +69,42 @@ def sample_cohort(cfg: Config, round_index: int) -> np.ndarray:
     return np.sort(g.choice(c.total, size=c.per_round, replace=False)).astype(np.int64)
 
 
-def build_aggregator(cfg: Config, size: int):
+def build_aggregator(cfg: Config, size: int, clients=None):
     """The aggregator a config asks for: central client-level DP, the pre-summed mean
-    of ``transport: reduce``, or the rule with its pre-aggregation steps."""
+    of ``transport: reduce``, the rule with its pre-aggregation steps over the rows, or
+    over column blocks (``transport: sharded``; ``clients.context`` says which)."""
     if cfg.privacy.mode == "client_central":
         return CentralDP(cfg, size)
     if cfg.transport == "reduce":
         return PresummedMean(cfg, size)
+    if cfg.transport == "sharded":
+        return ShardedAggregator(cfg, size, clients.context)
     return RuleAggregator(cfg, size)
+
+
+def build_optimizer(cfg: Config, size: int, clients=None):
+    """The server optimizer over the whole model, or over rank 0's columns of it with
+    the other columns stepped where they live (``transport: sharded``)."""
+    if cfg.transport == "sharded":
+        return ShardedServerOptimizer(cfg.server, clients.context)
+    return ServerOptimizer(cfg.server, size, extensions.optimizer(cfg.server.optimizer, cfg.server.params))
+
+
+def _state_of(holder) -> dict:
+    """An optimizer's or aggregator's state as whole arrays (gathered from every rank's
+    columns where it lives in columns)."""
+    gather = getattr(holder, "gather_state", None)
+    return gather() if gather is not None else holder.state
+
+
+def _load_part(holder, values: dict) -> None:
+    """A checkpoint's part of the state into an optimizer or aggregator: in place, or
+    through ``load_state`` where the state lives in columns on every rank."""
+    if hasattr(holder, "load_state"):
+        holder.load_state(values)
+        return
+    for key, value in holder.state.items():
+        value[...] = values[key]
 
 
 @dataclass
@@ -118,8 +147,8 @@ class ServerLoop:
                  writer: ResultsWriter | None, quiet: bool = False):
         self.cfg, self.clients, self.data, self.model = cfg, clients, data, model
         self.weights, self.writer, self.quiet = weights, writer, quiet
-        self.optimizer = ServerOptimizer(cfg.server, model.size, extensions.optimizer(cfg.server.optimizer, cfg.server.params))
-        self.aggregator = build_aggregator(cfg, model.size)
+        self.optimizer = build_optimizer(cfg, model.size, clients)
+        self.aggregator = build_aggregator(cfg, model.size, clients)
         a = cfg.attack
         self.attack = extensions.attack(a.name)
         self.byzantine_ids = attacks.byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients)
@@ -136,7 +165,7 @@ class ServerLoop:
     # ---- state a checkpoint holds (everything else is keyed by seed and round)
 
     def parts(self) -> dict[str, dict]:
-        parts = {"optimizer": self.optimizer.state, "aggregator": self.aggregator.state}
+        parts = {"optimizer": _state_of(self.optimizer), "aggregator": _state_of(self.aggregator)}
         if self.accountant is not None:
             parts["accountant"] = self.accountant.state()
         if self.attack_state:
@@ -151,10 +180,10 @@ class ServerLoop:
 
     def load_state(self, weights: np.ndarray, state: dict) -> None:
         self.weights[:] = weights
-        for part, values in (("optimizer", self.optimizer.state), ("aggregator", self.aggregator.state),
-                             ("attack", self.attack_state)):
-            for key, value in values.items():
-                value[...] = state[f"{part}/{key}"]
+        for part, holder in (("optimizer", self.optimizer), ("aggregator", self.aggregator)):
+            _load_part(holder, {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(part + "/")})
+        for key, value in self.attack_state.items():
+            value[...] = state[f"attack/{key}"]
         if self.accountant is not None:
             self.accountant.load_state({k.split("/", 1)[1]: v for k, v in state.items() if k.startswith("accountant/")})
 
@@ -191,8 +220,8 @@ class ServerLoop:
                       f"{self.writer.path}; continue with: python -m fedmpi.run --resume {self.writer.path}",
                       file=sys.stderr, flush=True)
                 return EXIT_CHECKPOINTED
-        self.clients.stop(EXIT_OK)
         self.writer.checkpoint(self.cfg.rounds - 1, self.weights, self.state())  # lets --resume extend the run
+        self.clients.stop(EXIT_OK)  # after the checkpoint: sharded state is gathered from the workers
         self.writer.finish(self.cfg.rounds - 1, self.weights, self.final_privacy())
         if not self.quiet:
             print(f"done: {self.cfg.rounds - start_round} rounds in {time.perf_counter() - run_start:.1f} s; "
@@ -319,7 +348,7 @@ class ServerLoop:
         collect_s = clock.laps["collect"]
         row = RoundRecord(
             round=r, cohort_size=k, test_accuracy=evaluation.test_accuracy, test_loss=evaluation.test_loss,
-            train_loss=train_loss, update_norm=float(np.linalg.norm(result.vector)),
+            train_loss=train_loss, update_norm=result.norm if result.norm is not None else float(np.linalg.norm(result.vector)),
             byzantine_in_cohort=int(updates.byzantine.sum()),
             byzantine_selected=int((updates.byzantine & result.selected).sum()),
             epsilon=privacy.epsilon, epsilon_median=privacy.epsilon_median, delta=p.delta if dp else np.nan,

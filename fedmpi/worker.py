@@ -11,6 +11,8 @@ Rank 0 reaches the clients through one interface, ``collect(round, cohort,
 weights) -> Updates`` and ``stop(status)``: :class:`RemoteClients` over MPI
 (the workers run :func:`serve`), or :class:`LocalClients` in a single process,
 where rank 0 trains the cohort itself. Both produce the same bytes.
+:class:`ShardedClients` (``transport: sharded``) leaves rank 0 only its blocks'
+columns of the rows, already checked (:mod:`fedmpi.sharded.round`).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from .aggregation import norms_and_finite
 from .data import FederatedData
 from .models import FlatModel
 from .privacy.client_level import privatise_update
-from .protocol import RECORD, RECORD_FIELDS, RoundMessages, slot_counts, weighted_total
+from .protocol import CMD_ROUND, RECORD, RECORD_FIELDS, RoundMessages, slot_counts, weighted_total
 from .rounds import Updates
 from .schema import Config
+from .sharded.round import ColumnCheck, ShardContext, ShardedWorker
 from .training import LocalTrainer
 
 
@@ -107,19 +110,53 @@ class RemoteClients:
         self.messages.send_stop(status)
 
 
-def serve(messages: RoundMessages, host: ClientHost) -> int:
+class ShardedClients:
+    """``transport: sharded`` on rank 0: the workers (or this process, ``local``) train
+    the cohort, every rank receives its blocks' columns of the rows, and they are
+    checked there (:class:`fedmpi.sharded.round.ColumnCheck`); the norms reach the
+    records and ``Updates.shard`` holds rank 0's columns. ``rows`` stays None."""
+
+    def __init__(self, cfg: Config, context: ShardContext, local: LocalClients | None = None):
+        self.context, self.local, self.check = context, local, ColumnCheck(cfg)
+
+    def collect(self, round_index: int, cohort: np.ndarray, weights: np.ndarray) -> Updates:
+        messages = self.context.messages
+        if self.local is not None:
+            trained = self.local.collect(round_index, cohort, weights)
+            rows, records, counts = trained.rows, trained.records, trained.counts
+        else:
+            messages.send_round(round_index, cohort, weights)
+            rows, records, counts = messages.receive_columns(len(cohort))
+        columns = self.context.columns(rows)
+        norms, finite = self.check(columns, cohort, round_index)
+        records[:, RECORD["update_norm"]], records[:, RECORD["finite"]] = norms, finite
+        return Updates(cohort, records, counts, shard=columns)
+
+    def stop(self, status: int) -> None:
+        if self.local is None:
+            self.context.messages.send_stop(status)
+
+
+def serve(messages: RoundMessages, host: ClientHost, sharded: ShardedWorker | None = None) -> int:
     """A worker: train this rank's slots of every round until STOP; return the exit
-    status rank 0 sent with it."""
+    status rank 0 sent with it. ``sharded``: the worker's part of a sharded round
+    (and of the state transfers rank 0 calls in)."""
     rank, size = messages.comm.rank, messages.size
     rows = np.empty((0, size), dtype=np.float32)
     while True:
         order = messages.receive_round()
         if order.stop:
             return order.status
+        if order.command != CMD_ROUND:
+            sharded.command(order)
+            continue
         start = sum(order.counts[:rank])
         mine = order.cohort[start:start + order.counts[rank]]
         if rows.shape[0] != len(mine):
             rows = np.empty((len(mine), size), dtype=np.float32)
         records = np.zeros((len(mine), len(RECORD_FIELDS)))
         host.train_slots(order.round_index, mine, order.weights, rows, records)
-        messages.send_updates(rows, records, order.counts)
+        if sharded is None:
+            messages.send_updates(rows, records, order.counts)
+        else:
+            sharded.round(order, rows, records)

@@ -58,6 +58,10 @@ CONFIG_CASES = {
                                   "transport = 'reduce'", "aggregator.name = median needs every row"),
     "normalizing synthetic data": (["--set", "data.name=synthetic", "--set", "data.normalize=standard"],
                                    "data.normalize = 'standard'", "allowed: none"),
+    "sharded with central dp": (["--set", "transport=sharded", "--set", "privacy.mode=client_central",
+                                 "--set", "privacy.noise_multiplier=1", "--set", "privacy.accountant=rdp"],
+                                "privacy.mode = 'client_central'", "not with transport: sharded"),
+    "shard block without sharding": (["--set", "shard_block=64"], "shard_block = 64", "only used with transport = sharded"),
 }
 
 
