@@ -7,14 +7,14 @@ run can use:
 2. build the typed, immutable config (unknown keys, wrong types and names not
    in a registry are refused here);
 3. :func:`resolve` fills the defaults that depend on other keys (``server.lr``,
-   ``data.normalize``, ``data.dir``, ``aggregator.f``) in one step and returns a
-   new config;
+   ``data.normalize``, ``data.dir``, ``aggregator.f``, ``devices.partial_work``)
+   in one step and returns a new config;
 4. :func:`validate` checks what types alone cannot, without changing anything.
 
 What each name may be and which keys it reads come from the registries
 (:data:`fedmpi.data.DATASETS`, :data:`fedmpi.architectures.ARCHITECTURES`,
 :data:`fedmpi.aggregation.RULES` and ``PRE_STEPS``, :data:`fedmpi.attacks.ATTACKS`,
-:data:`fedmpi.optimizers.OPTIMIZERS`): a key that only another entry reads, set
+:data:`fedmpi.optimizers.OPTIMIZERS`, :data:`fedmpi.algorithms.ALGORITHMS`): a key that only another entry reads, set
 to anything but its default, is refused with the entries that use it.
 
 Data-dependent checks (files, the model against the data, memory, device) are
@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .aggregation import PRE_STEPS, RULES, check_f
+from .algorithms import ALGORITHMS
 from .architectures import ARCHITECTURES
 from .attacks import ATTACKS
 from .data import DATASETS
@@ -53,6 +54,7 @@ REGISTRIES: dict[str, Mapping] = {
     "server.optimizer": OPTIMIZERS,
     "aggregator.name": RULES,
     "attack.name": ATTACKS,
+    "algorithm.name": ALGORITHMS,
 }
 
 
@@ -116,7 +118,10 @@ def resolve(cfg: Config) -> Config:
     if g.f is None:
         byz, c = num_byzantine(cfg) if _attack_counts_known(cfg) else 0, cfg.clients
         aggregator = dataclasses.replace(g, f=math.ceil(c.per_round * byz / c.total) if byz else 0)
-    return dataclasses.replace(cfg, data=data, server=server, aggregator=aggregator)
+    devices = cfg.devices
+    if devices.partial_work is None:
+        devices = dataclasses.replace(devices, partial_work=ALGORITHMS[cfg.algorithm.name].partial_work)
+    return dataclasses.replace(cfg, data=data, server=server, aggregator=aggregator, devices=devices)
 
 
 def _attack_counts_known(cfg: Config) -> bool:
@@ -209,6 +214,9 @@ def validate(cfg: Config) -> None:
             reasons.append("privacy.mode = client_central clips every row on rank 0")
         _require(not reasons, "transport", "reduce", "workers pre-sum FedAvg updates, but " + "; ".join(reasons)
                  + " (use transport: gather)")
+
+    _validate_algorithm(cfg)
+    _validate_devices(cfg)
 
     _at_least("eval.every", cfg.eval.every, 1)
     _at_least("eval.batch_size", cfg.eval.batch_size, 1)
@@ -333,3 +341,36 @@ def _validate_privacy(cfg: Config) -> None:
         _require(not (p.accountant == "pld" and cfg.clients.sampling == "fixed"), "privacy.accountant", p.accountant,
                  "PLD accounting of fixed-size cohorts (sampling without replacement) is not supported by dp-accounting; "
                  "set clients.sampling: poisson or privacy.accountant: rdp")
+
+
+def _validate_algorithm(cfg: Config) -> None:
+    a = cfg.algorithm
+    _at_least("algorithm.mu", a.mu, 0)
+    if a.state_dir is not None:
+        _require(a.state_dir.strip() != "", "algorithm.state_dir", a.state_dir, "must not be empty")
+    _only_used_by(a, "algorithm.", a.name, ALGORITHMS, "algorithm.name")
+    if not ALGORITHMS[a.name].client_state:
+        return
+    reasons = []
+    if cfg.aggregator.name != "fedavg" or cfg.aggregator.pre:
+        reasons.append(f"its server control variate averages every client's change, which only aggregator.name = fedavg "
+                       f"without pre-aggregation matches (aggregator.name is {cfg.aggregator.name})")
+    if cfg.transport == "reduce":
+        reasons.append("rank 0 derives each client's control variate from its update row, which transport: reduce "
+                       "never sends (use transport: gather)")
+    if cfg.privacy.mode in ("client_central", "client_local"):
+        reasons.append(f"privacy.mode = {cfg.privacy.mode} clips and noises the model update only, while the control "
+                       "variates would reach the server unprotected (use privacy.mode: sample)")
+    _require(not reasons, "algorithm.name", a.name, "; ".join(reasons))
+
+
+def _validate_devices(cfg: Config) -> None:
+    d = cfg.devices
+    _require(0 <= d.stragglers <= 1, "devices.stragglers", d.stragglers, "must be in [0, 1]")
+    _unit_interval("devices.dropout", d.dropout)
+    _at_least("devices.speed_sigma", d.speed_sigma, 0)
+    if d.deadline is not None:
+        _positive("devices.deadline", d.deadline)
+    elif d.speed_sigma:
+        raise ConfigError("devices.speed_sigma", d.speed_sigma, "only used with devices.deadline (speeds decide who "
+                          "misses it)")

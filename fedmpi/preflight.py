@@ -2,8 +2,10 @@
 
 :func:`preflight` runs on every rank after the config was validated: the results
 path (rank 0), the data files, the device, then the data themselves, the model
-against the data, and rank 0's memory budget. Each problem is one
-:class:`fedmpi.schema.ConfigError` line (exit status 2, no results file).
+against the data, and rank 0's memory budget, which decides where the clients'
+state lives (memory, or a file when it does not fit; refused when the disk
+cannot hold it either). Each problem is one :class:`fedmpi.schema.ConfigError`
+line (exit status 2, no results file).
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import math
 import os
 import resource
+import shutil
 
 from . import data as data_mod
 from .aggregation import PRE_STEPS, RULES
+from .algorithms import ALGORITHMS, client_state_bytes, state_path
 from .architectures import ARCHITECTURES, count_params
 from .attacks import ATTACKS
 from .data import FederatedData
@@ -21,19 +25,21 @@ from .schema import Config, ConfigError
 from .system import available_memory
 
 
-def preflight(cfg: Config, rank: int, new_file: bool = True) -> FederatedData:
+def preflight(cfg: Config, rank: int, new_file: bool = True) -> tuple[FederatedData, str | None]:
     """Check ``cfg`` against the world and load this rank's data (training data on
     every rank, the test set on rank 0). ``new_file``: the run creates its results
-    file (not a resume)."""
+    file (not a resume). Returns the data and, on rank 0 of a run whose algorithm
+    keeps client state, where that state lives (``memory`` or ``file``)."""
     if rank == 0 and new_file:
         check_output_path(cfg)
     data_mod.check_files(cfg)
     check_device(cfg)
     data = data_mod.load(cfg, need_train=True, need_test=rank == 0)
     check_model(cfg, data)
+    store = None
     if rank == 0:
-        check_memory(cfg, data)
-    return data
+        store = check_memory(cfg, data)
+    return data, store
 
 
 def check_output_path(cfg: Config) -> None:
@@ -85,11 +91,14 @@ def server_memory(cfg: Config, data: FederatedData) -> tuple[int, int, int]:
     other += RULES[g.name].memory(n, d, g.f)
     if ATTACKS[cfg.attack.name].needs_rows:
         other += k * d * 4  # the honest rows, copied
+    if ALGORITHMS[cfg.algorithm.name].client_state:
+        other += k * d * 4  # the per-slot rows sent with the round (SCAFFOLD's c - c_i)
     return rows, other, d
 
 
-def check_memory(cfg: Config, data: FederatedData) -> None:
-    """Rank 0: refuse, before any work, a run whose rows would not fit its budget."""
+def check_memory(cfg: Config, data: FederatedData) -> str | None:
+    """Rank 0: refuse, before any work, a run whose rows would not fit its budget; decide
+    where the clients' state lives (None: the algorithm keeps none)."""
     rows, other, d = server_memory(cfg, data)
     resident = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     need = rows + other + resident + (128 << 20)  # + model, gradients, evaluation batches
@@ -102,3 +111,52 @@ def check_memory(cfg: Config, data: FederatedData) -> None:
                           f"rank 0 would need about {_gib(need)}: {_gib(rows)} of update rows (cohort x {d} parameters "
                           f"x 4 bytes) plus {_gib(need - rows)} of working memory, over its budget of {_gib(budget)} "
                           f"({what}); lower clients.per_round, use transport: reduce (FedAvg), or raise memory_limit_gb")
+    state = client_state_bytes(cfg, d)
+    if not state:
+        return None
+    return place_client_state(cfg, d, state, budget - need, f"{_gib(budget)}, {what}")
+
+
+def _free_bytes(directory: str) -> tuple[int, int]:
+    """(free bytes, device id) of the file system holding ``directory`` (or its nearest existing parent)."""
+    while directory and not os.path.isdir(directory):
+        directory = os.path.dirname(directory)
+    directory = directory or "."
+    return shutil.disk_usage(directory).free, os.stat(directory).st_dev
+
+
+def place_client_state(cfg: Config, d: int, state: int, memory_left: int, budget_text: str) -> str:
+    """``memory`` or ``file`` for ``state`` bytes of client state, given what is left of rank
+    0's memory budget; a ConfigError when neither memory nor disk can hold it. The
+    results file holds two checkpoint copies of the state (its two slots) at worst."""
+    a = cfg.algorithm
+    results_dir = os.path.dirname(os.path.abspath(cfg.output.path))
+    results_free, results_dev = _free_bytes(results_dir)
+    store_dir = os.path.dirname(state_path(cfg))
+    store_free, store_dev = _free_bytes(store_dir)
+    checkpoint_ok = results_free >= 2 * state
+    if store_dev == results_dev:
+        file_ok = results_free >= 3 * state
+    else:
+        file_ok = checkpoint_ok and store_free >= state
+    fits_memory = state <= memory_left
+    size = (f"algorithm.name = {a.name} keeps {len(ALGORITHMS[a.name].client_state)} row(s) of {d} parameters per client: "
+            f"{cfg.clients.total} clients x {d} x 4 bytes = {_gib(state)}")
+    if a.state_store == "memory" and not fits_memory:
+        raise ConfigError("algorithm.state_store", "memory", f"{size}, over the {_gib(max(memory_left, 0))} left of rank "
+                          f"0's memory budget ({budget_text}); use auto or file (a file-backed store)")
+    if a.state_store == "memory" or (a.state_store == "auto" and fits_memory):
+        if not checkpoint_ok:
+            raise ConfigError("clients.total", cfg.clients.total, f"{size}; its checkpoint copies need up to "
+                              f"{_gib(2 * state)} in {results_dir}, which has {_gib(results_free)} free")
+        return "memory"
+    if not file_ok:
+        where = (f"{_gib(results_free)} free in {results_dir}, which needs {_gib(3 * state)} for the store and the two "
+                 "checkpoint copies in the results file" if store_dev == results_dev else
+                 f"{_gib(store_free)} free in {store_dir} for the store, {_gib(results_free)} in {results_dir} for the "
+                 f"two checkpoint copies ({_gib(2 * state)})")
+        fits = ("does not fit on the disk" if a.state_store == "file" else
+                f"fits neither rank 0's memory ({_gib(max(memory_left, 0))} left of {budget_text}) nor the disk")
+        raise ConfigError("clients.total", cfg.clients.total, f"{size}, which {fits} ({where}); lower "
+                          "clients.total or the model size, or set algorithm.state_dir to a larger disk")
+    return "file"

@@ -7,6 +7,7 @@ One round, message by message::
     header (ROUND, round, cohort size)  --Ibcast-->  waited for asleep; STOP ends the worker
     cohort client ids (int64)           --Bcast-->
     global weights (flat float32)       --Bcast-->
+    SCAFFOLD: c - c_i per slot (K, d)   --Scatterv->  my slots' rows only
                                                      train my contiguous block of slots
                                                      (slot_counts), in slot order
     Ibarrier, waited for asleep         <-------->   (every worker done training)
@@ -14,6 +15,9 @@ One round, message by message::
             records (K, R) float64      <-Gatherv--  one row of RECORD_FIELDS per slot
     reduce: records                     <-Gatherv--
             sum_i n_i update_i (d,)     <-Reduce---  float64, my slots pre-summed
+
+Only algorithms that keep client state (SCAFFOLD) send the per-slot rows; the
+state itself stays on rank 0 (:mod:`fedmpi.client_state`).
 
 A STOP header carries the exit status every rank then ends with. Which slots a
 rank trains depends on the world size, but what a client computes does not
@@ -43,7 +47,7 @@ EXIT_CHECKPOINTED = 75  # SIGTERM / SIGUSR1: checkpoint written, continue with -
 CMD_STOP, CMD_ROUND = 0, 1
 
 # One float64 row per cohort slot, sent by the rank that trained it.
-RECORD_FIELDS = ("num_samples", "train_loss", "steps", "train_s", "clipped_fraction", "update_norm")
+RECORD_FIELDS = ("num_samples", "train_loss", "steps", "train_s", "clipped_fraction", "update_norm", "dropped")
 RECORD = {name: i for i, name in enumerate(RECORD_FIELDS)}
 
 
@@ -57,10 +61,15 @@ def slot_counts(cohort_size: int, world_size: int) -> list[int]:
 
 
 def weighted_total(rows: np.ndarray, records: np.ndarray) -> np.ndarray:
-    """transport: reduce: sum_i n_i * update_i over one rank's slots, float64 (d,)."""
+    """transport: reduce: sum_i n_i * update_i over one rank's slots that were not
+    dropped (:mod:`fedmpi.devices`), float64 (d,)."""
     if not len(rows):
         return np.zeros(rows.shape[1])
-    return weighted_sum(rows, records[:, RECORD["num_samples"]])
+    weights = records[:, RECORD["num_samples"]]
+    dropped = records[:, RECORD["dropped"]] != 0
+    if dropped.any():
+        weights = np.where(dropped, 0.0, weights)
+    return weighted_sum(rows, weights)
 
 
 @dataclass
@@ -73,15 +82,18 @@ class RoundOrder:
     cohort: np.ndarray | None = None
     weights: np.ndarray | None = None
     counts: list | None = None
+    corrections: np.ndarray | None = None  # this rank's per-slot rows (SCAFFOLD), or None
 
 
 class RoundMessages:
     """The messages of a round over ``comm`` (an MPI communicator wrapper from
     :mod:`fedmpi.comm`), for a model of ``size`` parameters. ``reduce``: workers
-    send the pre-summed weighted total instead of their rows."""
+    send the pre-summed weighted total instead of their rows. ``per_slot``: rank 0
+    sends each slot a row of ``size`` float32 values with the round (SCAFFOLD)."""
 
-    def __init__(self, comm, size: int, reduce: bool):
-        self.comm, self.size, self.reduce = comm, size, reduce
+    def __init__(self, comm, size: int, reduce: bool, per_slot: bool = False):
+        self.comm, self.size, self.reduce, self.per_slot = comm, size, reduce, per_slot
+        self.slot_rows = np.empty((0, size), dtype=np.float32)  # a worker's received per-slot rows
         self.header = np.zeros(3, dtype=np.int64)
         self.weights = np.empty(size, dtype=np.float32)  # a worker's copy of the global weights
         self.no_rows = np.empty((0, size), dtype=np.float32)
@@ -89,12 +101,15 @@ class RoundMessages:
 
     # ---- rank 0 -> workers
 
-    def send_round(self, round_index: int, cohort: np.ndarray, weights: np.ndarray) -> None:
-        """Rank 0: the header, the cohort and the global weights."""
+    def send_round(self, round_index: int, cohort: np.ndarray, weights: np.ndarray,
+                   slot_rows: np.ndarray | None = None) -> None:
+        """Rank 0: the header, the cohort, the global weights (and each slot's row)."""
         self.header[:] = (CMD_ROUND, round_index, len(cohort))
         self.comm.bcast_idle(self.header)
         self.comm.bcast(cohort)
         self.comm.bcast(weights)
+        if self.per_slot:
+            self.comm.scatter_rows(slot_rows, self.no_rows, slot_counts(len(cohort), self.comm.size))
 
     def send_stop(self, status: int) -> None:
         """Rank 0: every worker stops and exits with ``status``."""
@@ -110,8 +125,16 @@ class RoundMessages:
         cohort = np.empty(cohort_size, dtype=np.int64)
         self.comm.bcast(cohort)
         self.comm.bcast(self.weights)
-        return RoundOrder(False, round_index=round_index, cohort=cohort, weights=self.weights,
-                          counts=slot_counts(cohort_size, self.comm.size))
+        counts = slot_counts(cohort_size, self.comm.size)
+        corrections = None
+        if self.per_slot:
+            mine = counts[self.comm.rank]
+            if self.slot_rows.shape[0] != mine:
+                self.slot_rows = np.empty((mine, self.size), dtype=np.float32)
+            self.comm.scatter_rows(None, self.slot_rows, counts)
+            corrections = self.slot_rows
+        return RoundOrder(False, round_index=round_index, cohort=cohort, weights=self.weights, counts=counts,
+                          corrections=corrections)
 
     # ---- workers -> rank 0
 

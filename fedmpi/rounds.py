@@ -51,6 +51,28 @@ class Updates:
     def samples(self) -> np.ndarray:
         return self.record("num_samples")
 
+    @property
+    def dropped(self) -> np.ndarray:
+        """Per slot: the update never reached the server (:mod:`fedmpi.devices`)."""
+        return self.record("dropped") != 0
+
+    def arrived(self) -> Updates:
+        """The slots whose update reached the server: ``self`` when none was dropped, else
+        a new Updates whose rows are ``self.rows`` moved up in place (``self.rows`` is
+        then no longer slot-aligned; rank 0 keeps one copy of the rows)."""
+        keep = np.flatnonzero(~self.dropped)
+        if len(keep) == len(self.cohort):
+            return self
+        rows = None
+        if self.rows is not None:
+            for j, i in enumerate(keep.tolist()):
+                if i != j:
+                    self.rows[j] = self.rows[i]
+            rows = self.rows[:len(keep)]
+        byzantine = self.byzantine[keep] if self.byzantine is not None else None
+        return Updates(self.cohort[keep], self.records[keep], self.counts, rows=rows, total=self.total,
+                       byzantine=byzantine)
+
 
 @dataclass
 class Aggregate:
@@ -63,6 +85,20 @@ class Aggregate:
     selected: np.ndarray
     scores: np.ndarray
     clipped: np.ndarray | None = None
+
+    def for_slots(self, arrived: np.ndarray) -> Aggregate:
+        """The decision over the arrived slots spread back over every slot of the cohort
+        (``arrived``: (K,) bool); dropped slots are not selected and have no score."""
+        k = len(arrived)
+        selected = np.zeros(k, dtype=bool)
+        selected[arrived] = self.selected
+        scores = np.full(k, np.nan)
+        scores[arrived] = self.scores
+        clipped = None
+        if self.clipped is not None:
+            clipped = np.full(k, np.nan)
+            clipped[arrived] = self.clipped
+        return Aggregate(self.vector, selected, scores, clipped)
 
 
 class RuleAggregator:
@@ -82,8 +118,8 @@ class RuleAggregator:
 
     def __call__(self, updates: Updates, round_index: int) -> Aggregate:
         k = len(updates.cohort)
-        if k == 0:  # an empty Poisson cohort leaves the model as it is
-            return Aggregate(np.zeros(self.size), np.zeros(0, dtype=bool), np.full(0, np.nan))
+        if k == 0 or not self.enough_rows(k):  # an empty cohort (or too few arrived updates) leaves the model as it is
+            return Aggregate(np.zeros(self.size), np.zeros(k, dtype=bool), np.full(k, np.nan))
         g = self.cfg.aggregator
         rows, weights = updates.rows, updates.samples.astype(np.float64)
         members = np.eye(k, dtype=bool)  # members[r, slot]: slot's update went into row r
@@ -107,6 +143,17 @@ class RuleAggregator:
         selected = members[result.selected].any(axis=0) if result.selected is not None else members.any(axis=0)
         scores = result.scores[row_of_slot] if result.scores is not None else np.full(k, np.nan)
         return Aggregate(result.vector, selected, scores)
+
+    def enough_rows(self, n: int) -> bool:
+        """Whether ``n`` rows meet what the pre-aggregation steps and the rule need (the
+        config was checked for a full cohort; dropouts and Poisson cohorts can be smaller)."""
+        g = self.cfg.aggregator
+        for step in g.pre:
+            entry = PRE_STEPS[step.name]
+            if entry.min_rows is not None and n < entry.min_rows(g.f):
+                return False
+            n = entry.rows_after(n, step)
+        return self.rule.min_rows is None or n >= self.rule.min_rows(g.f)
 
 
 class PresummedMean:

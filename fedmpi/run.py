@@ -65,7 +65,8 @@ def resolve_resume(args: argparse.Namespace) -> tuple[Config, dict]:
     """The config of the run in ``--resume FILE`` (with the allowed changes), validated,
     and what the file says about the run (``run_info``).
 
-    Only ``rounds`` may differ from the stored config (and output settings);
+    Only ``rounds`` may differ from the stored config (and output settings, and where
+    the clients' state is kept: ``algorithm.state_store``, ``algorithm.state_dir``);
     ``--config`` and ``--set`` are compared against it, not applied over it."""
     path = args.resume
     if args.out or args.overwrite:
@@ -79,7 +80,8 @@ def resolve_resume(args: argparse.Namespace) -> tuple[Config, dict]:
     for assignment in args.set:
         config_mod.apply_override(wanted, assignment)
     cfg, reference = config_mod.from_mapping(wanted), config_mod.from_mapping(stored)
-    ours, theirs = _without(cfg.to_dict(), "rounds", "output"), _without(reference.to_dict(), "rounds", "output")
+    free = ("rounds", "output", "algorithm.state_store", "algorithm.state_dir")
+    ours, theirs = _without(cfg.to_dict(), *free), _without(reference.to_dict(), *free)
     changed = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
     if changed:
         key = changed[0]
@@ -127,7 +129,7 @@ def main(argv: list | None = None) -> int:
     args = parse_args(argv)
     prepare_environment()
     rank = launcher_rank()
-    cfg, data, error, calibrated, resume = None, None, None, None, None
+    cfg, data, error, calibrated, resume, state_store = None, None, None, None, None, None
     try:
         if args.resume:
             cfg, resume = resolve_resume(args)
@@ -137,7 +139,7 @@ def main(argv: list | None = None) -> int:
             if rank == 0:
                 sys.stdout.write(cfg.to_yaml())
             return EXIT_OK
-        data = preflight(cfg, rank, new_file=resume is None)
+        data, state_store = preflight(cfg, rank, new_file=resume is None)
         import torch  # noqa: F401 - every rank needs it; importing before MPI starts overlaps the ranks' imports
         if rank == 0 and cfg.privacy.target_epsilon is not None:
             calibrated = (resume["attrs"]["dp_noise_multiplier"] if resume is not None
@@ -174,7 +176,8 @@ def main(argv: list | None = None) -> int:
     stopped = False
     try:
         stopped = run_experiment(run_cfg, comm, data, config_yaml=cfg.to_yaml(), quiet=args.quiet,
-                                 resume_path=args.resume, rank_hosts=[host for _, _, host in statuses])
+                                 resume_path=args.resume, rank_hosts=[host for _, _, host in statuses],
+                                 state_store=state_store)
     except BaseException as exc:  # noqa: BLE001 - any failure must take the whole job down
         if isinstance(exc, SystemExit) and not exc.code:
             raise
@@ -212,13 +215,15 @@ def _run_attrs(cfg: Config, data, rank_hosts: list) -> dict:
 
 
 def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = False, resume_path: str | None = None,
-                   rank_hosts: list | None = None) -> bool:
+                   rank_hosts: list | None = None, state_store: str | None = None) -> bool:
     """This rank's part of one run of ``cfg`` (the noise multiplier already calibrated)
     over ``comm``; ``config_yaml``: the config as the user gave it, stored in the file;
-    ``rank_hosts``: each rank's host name. Returns True when a signal stopped the run
-    after a checkpoint."""
+    ``rank_hosts``: each rank's host name; ``state_store``: where rank 0 keeps the
+    clients' state (as :func:`fedmpi.preflight.check_memory` decided). Returns True
+    when a signal stopped the run after a checkpoint."""
     import torch
 
+    from .algorithms import ALGORITHMS
     from .models import FlatModel, build_model, init_weights, layout
     from .protocol import RoundMessages
     from .worker import ClientHost, LocalClients, RemoteClients, serve
@@ -233,10 +238,11 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
     weights = init_weights(module, cfg.seed).copy() if comm.rank == 0 else None
     model = FlatModel(module, choose_device(cfg, comm))
     reduce = cfg.transport == "reduce"
+    per_slot = bool(ALGORITHMS[cfg.algorithm.name].client_state)
     if comm.rank != 0:
         # rank 0 decides when to stop (after a checkpoint) and tells the workers
         _on_stop_signals(lambda name: None)
-        return serve(RoundMessages(comm, model.size, reduce), ClientHost(cfg, data, model)) == EXIT_CHECKPOINTED
+        return serve(RoundMessages(comm, model.size, reduce, per_slot), ClientHost(cfg, data, model)) == EXIT_CHECKPOINTED
 
     from .results import ResultsWriter, read_checkpoint
     from .server import ServerLoop
@@ -244,11 +250,13 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
     if comm.size == 1:
         clients = LocalClients(ClientHost(cfg, data, model), model.size, reduce)
     else:
-        clients = RemoteClients(RoundMessages(comm, model.size, reduce))
-    loop = ServerLoop(cfg, clients, data, model, weights, writer=None, quiet=quiet)
+        clients = RemoteClients(RoundMessages(comm, model.size, reduce, per_slot))
+    loop = ServerLoop(cfg, clients, data, model, weights, writer=None, quiet=quiet, state_store=state_store)
     _on_stop_signals(lambda name: setattr(loop, "stop_signal", name))
     specs = [{"name": s.name, "shape": list(s.shape), "offset": s.offset, "numel": s.numel} for s in layout(module)]
     attrs = _run_attrs(cfg, data, rank_hosts or [socket.gethostname()])
+    if loop.client_state is not None:
+        attrs["client_state_store"] = loop.client_state.kind
     path, history, start_round = cfg.output.path, None, 0
     if resume_path:
         info = read_checkpoint(resume_path)
@@ -259,6 +267,7 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
             history = info["history"]
             round_index, saved_weights, state = history["checkpoint"]
             loop.load_state(saved_weights, state)
+            loop.load_client_state(resume_path, info["slot"])
             start_round = round_index + 1
         path = resume_path + ".resume-tmp"
         if not quiet:
@@ -266,7 +275,7 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
             print(f"resuming {resume_path} {where}", flush=True)
     writer = ResultsWriter(path, config_yaml=config_yaml, world_size=comm.size, seed=cfg.seed, layout=specs,
                            overwrite=cfg.output.overwrite or bool(resume_path), snapshot_every=cfg.output.snapshot_every,
-                           attrs=attrs, state_spec=loop.state_spec(), history=history)
+                           attrs=attrs, state_spec=loop.state_spec(), history=history, clients=loop.client_state)
     if resume_path:
         os.replace(path, resume_path)  # the old file stays whole until its copy is complete
         writer.path = resume_path
@@ -275,6 +284,8 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
         return not loop.run(start_round)
     finally:
         writer.close()
+        if loop.client_state is not None:
+            loop.client_state.close()
 
 
 def _single_threaded_blas() -> None:

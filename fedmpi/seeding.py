@@ -22,6 +22,9 @@ PURPOSES = {
     "attack": 9,
     "server_noise": 10,
     "bucketing": 11,
+    "stragglers": 12,
+    "dropout": 13,
+    "speed": 14,
 }
 
 

@@ -5,19 +5,24 @@
 1. sample the cohort from the keyed generator (seed, "cohort", round):
    ``clients.per_round`` distinct ids, or Poisson sampling;
 2. collect the cohort's updates through the clients interface (workers over
-   MPI, or this process), in slot order; omniscient attackers (the attack's
-   ``on_server`` hook) then replace the Byzantine rows, and every row's norm
-   is taken;
-3. aggregate (:func:`build_aggregator`: the rule with its pre-aggregation
-   steps, the pre-summed mean of ``transport: reduce``, or central DP);
-4. step the server optimizer;
+   MPI, or this process), in slot order, sending each slot what the algorithm
+   gives it (SCAFFOLD: c - c_i); the slots whose update arrived (all, unless
+   heterogeneous devices dropped some, :mod:`fedmpi.devices`) go on:
+   omniscient attackers (the attack's ``on_server`` hook) replace the Byzantine
+   rows, and every row's norm is taken;
+3. aggregate the arrived updates (:func:`build_aggregator`: the rule with its
+   pre-aggregation steps, the pre-summed mean of ``transport: reduce``, or
+   central DP);
+4. step the server optimizer, then the algorithm's server half (SCAFFOLD: the
+   control variates, :mod:`fedmpi.algorithms`);
 5. account privacy;
 6. evaluate (every ``eval.every`` rounds and after the last);
 7. record: append the round to the HDF5 file (flushed), print one line.
 
 After the last round the workers are told to stop and the final model is
-written. A checkpoint (weights, server optimizer, aggregator and accountant
-state: everything else is keyed by seed and round) is written every
+written. A checkpoint (weights, server optimizer, aggregator, algorithm and
+accountant state, and the clients' state: everything else is keyed by seed and
+round) is written every
 ``output.checkpoint_every`` rounds, at the end, and after the round in which
 SIGTERM or SIGUSR1 arrived; the run then stops and ``--resume`` continues it
 bit for bit.
@@ -33,13 +38,15 @@ import numpy as np
 
 from . import attacks, seeding
 from .aggregation import row_norms
+from .algorithms import ALGORITHMS, state_path
+from .client_state import ClientStateStore
 from .data import FederatedData
 from .models import FlatModel
 from .optimizers import ServerOptimizer
 from .privacy.accounting import RunAccountant
 from .privacy.client_level import CentralDP
 from .protocol import EXIT_CHECKPOINTED, EXIT_OK
-from .results import ClientRecords, ResultsWriter, RoundRecord, progress_line
+from .results import ClientRecords, ResultsWriter, RoundRecord, open_results, progress_line
 from .rounds import Aggregate, PresummedMean, RuleAggregator, Updates
 from .schema import Config
 from .training import evaluate
@@ -96,16 +103,26 @@ class Stopwatch:
 
 
 class ServerLoop:
-    """Rank 0's state for a run: global weights, server optimizer, aggregator and
-    privacy accountant, and the clients it reaches through ``clients`` (an object with
-    ``collect(round, cohort, weights) -> Updates`` and ``stop(status)``)."""
+    """Rank 0's state for a run: global weights, server optimizer, aggregator, the
+    algorithm's server half with the clients' state, and privacy accountant, and the
+    clients it reaches through ``clients`` (an object with ``collect(round, cohort,
+    weights, slot_rows) -> Updates`` and ``stop(status)``). ``state_store``: where the
+    clients' state lives, ``memory`` or ``file`` (as the memory check decided)."""
 
     def __init__(self, cfg: Config, clients, data: FederatedData, model: FlatModel, weights: np.ndarray,
-                 writer: ResultsWriter | None, quiet: bool = False):
+                 writer: ResultsWriter | None, quiet: bool = False, state_store: str | None = None):
         self.cfg, self.clients, self.data, self.model = cfg, clients, data, model
         self.weights, self.writer, self.quiet = weights, writer, quiet
         self.optimizer = ServerOptimizer(cfg.server, model.size)
         self.aggregator = build_aggregator(cfg, model.size)
+        algorithm = ALGORITHMS[cfg.algorithm.name]
+        self.client_state = None
+        if algorithm.client_state:
+            store = state_store or ("file" if cfg.algorithm.state_store == "file" else "memory")
+            self.client_state = ClientStateStore(algorithm.client_state, cfg.clients.total, model.size,
+                                                 state_path(cfg) if store == "file" else None)
+        sizes = data.client_sizes() if algorithm.client_state else None
+        self.algorithm = algorithm.server(cfg, model.size, sizes, self.client_state)
         a = cfg.attack
         self.attack = attacks.ATTACKS[a.name]
         self.byzantine_ids = attacks.byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients)
@@ -117,7 +134,8 @@ class ServerLoop:
     # ---- state a checkpoint holds (everything else is keyed by seed and round)
 
     def parts(self) -> dict[str, dict]:
-        parts = {"optimizer": self.optimizer.state, "aggregator": self.aggregator.state}
+        parts = {"optimizer": self.optimizer.state, "aggregator": self.aggregator.state,
+                 "algorithm": self.algorithm.state}
         if self.accountant is not None:
             parts["accountant"] = self.accountant.state()
         return parts
@@ -130,11 +148,18 @@ class ServerLoop:
 
     def load_state(self, weights: np.ndarray, state: dict) -> None:
         self.weights[:] = weights
-        for part, values in (("optimizer", self.optimizer.state), ("aggregator", self.aggregator.state)):
+        for part, values in (("optimizer", self.optimizer.state), ("aggregator", self.aggregator.state),
+                             ("algorithm", self.algorithm.state)):
             for key, value in values.items():
                 value[...] = state[f"{part}/{key}"]
         if self.accountant is not None:
             self.accountant.load_state({k.split("/", 1)[1]: v for k, v in state.items() if k.startswith("accountant/")})
+
+    def load_client_state(self, path: str, slot: int) -> None:
+        """The clients' state from checkpoint slot ``slot`` of the results file ``path``."""
+        if self.client_state is not None:
+            with open_results(path) as f:
+                self.client_state.load(f[f"checkpoint/slot{slot}/clients"])
 
     # ---- the run
 
@@ -165,10 +190,13 @@ class ServerLoop:
         """One round: sample, collect, aggregate, step, account, evaluate, record."""
         clock = Stopwatch()
         cohort = sample_cohort(self.cfg, r)
-        updates = self.collect(r, cohort)
+        updates, arrived = self.collect(r, cohort)
         clock.lap("collect")
-        result = self.aggregator(updates, r)
+        result = self.aggregator(arrived, r)
+        if arrived is not updates:
+            result = result.for_slots(~updates.dropped)
         self.optimizer.step(self.weights, result.vector)
+        self.algorithm.after_round(arrived, r)
         privacy = self.account(updates)
         clock.lap("aggregate")
         evaluation = self.evaluate(r)
@@ -177,17 +205,24 @@ class ServerLoop:
 
     # ---- the steps
 
-    def collect(self, r: int, cohort: np.ndarray) -> Updates:
-        """The cohort's updates; omniscient attackers replace their rows; norms per slot."""
-        updates = self.clients.collect(r, cohort, self.weights)
+    def collect(self, r: int, cohort: np.ndarray) -> tuple[Updates, Updates]:
+        """The cohort's updates (every slot) and those that arrived (the same object
+        unless devices dropped slots); omniscient attackers replace their arrived rows;
+        norms per slot (NaN where nothing arrived)."""
+        updates = self.clients.collect(r, cohort, self.weights, self.algorithm.downlink(cohort))
         updates.byzantine = np.isin(cohort, self.byzantine_ids)
+        arrived = updates.arrived()
         if updates.rows is None:  # pre-summed: the norms came with the records
             updates.norms = updates.record("update_norm")
-            return updates
+            arrived.norms = arrived.record("update_norm")
+            return updates, arrived
         if self.attack.on_server is not None:
-            self.attack.on_server(updates.rows, updates.byzantine, self.attack_params)
-        updates.norms = row_norms(updates.rows) if len(cohort) else np.empty(0)
-        return updates
+            self.attack.on_server(arrived.rows, arrived.byzantine, self.attack_params)
+        arrived.norms = row_norms(arrived.rows) if len(arrived.cohort) else np.empty(0)
+        if arrived is not updates:
+            updates.norms = np.full(len(cohort), np.nan)
+            updates.norms[~updates.dropped] = arrived.norms
+        return updates, arrived
 
     def account(self, updates: Updates) -> Privacy:
         if self.accountant is None:
@@ -211,12 +246,17 @@ class ServerLoop:
         dp = p.mode != "none"
         offsets = np.cumsum([0] + updates.counts)
         train_s = max(updates.record("train_s")[offsets[i]:offsets[i + 1]].sum() for i in range(len(updates.counts)))
-        train_loss = float(np.average(updates.record("train_loss"), weights=samples)) if samples.sum() else np.nan
+        losses, kept_samples, kept_steps, kept_clipped = updates.record("train_loss"), samples, steps, clipped
+        dropped = updates.dropped
+        if dropped.any():  # the round's means are over the updates that arrived
+            kept = ~dropped
+            losses, kept_samples, kept_steps, kept_clipped = losses[kept], samples[kept], steps[kept], clipped[kept]
+        train_loss = float(np.average(losses, weights=kept_samples)) if kept_samples.sum() else np.nan
         if p.mode == "sample":
-            seen = samples * steps
-            clipped_round = float(np.average(clipped, weights=seen)) if seen.sum() else np.nan
+            seen = kept_samples * kept_steps
+            clipped_round = float(np.average(kept_clipped, weights=seen)) if seen.sum() else np.nan
         else:
-            clipped_round = float(clipped.mean()) if dp and k else np.nan
+            clipped_round = float(kept_clipped.mean()) if dp and len(kept_clipped) else np.nan
         collect_s = clock.laps["collect"]
         row = RoundRecord(
             round=r, cohort_size=k, test_accuracy=evaluation.test_accuracy, test_loss=evaluation.test_loss,
@@ -232,7 +272,7 @@ class ServerLoop:
             round=np.full(k, r), slot=np.arange(k), client_id=updates.cohort, num_samples=samples.astype(np.int64),
             update_norm=updates.norms, train_loss=updates.record("train_loss"), steps=steps.astype(np.int64),
             train_s=updates.record("train_s"), byzantine=updates.byzantine, selected=result.selected,
-            score=result.scores, clipped_fraction=clipped,
+            score=result.scores, clipped_fraction=clipped, dropped=updates.record("dropped").astype(np.int8),
         ))
         if self.writer.snapshot_every and (r + 1) % self.writer.snapshot_every == 0:
             self.writer.snapshot(r, self.weights)

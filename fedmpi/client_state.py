@@ -1,0 +1,82 @@
+"""State that clients keep between rounds, held by rank 0 and keyed by client id.
+
+:class:`ClientStateStore` holds one float32 row of ``d`` values per client and per
+named array (SCAFFOLD: ``control``, its control variate c_i), for every client
+of the run, in client id order, whichever rank trains the client in a round:
+
+- ``memory``: a numpy array (pages that no client has touched cost nothing);
+- ``file``: an ``np.memmap`` of the same shape, for state that does not fit
+  rank 0's memory budget (a sparse file next to the results file, removed when
+  the run ends; the operating system pages it).
+
+The store also records the round in which each client's row last changed, so a
+checkpoint writes only the rows that changed since the checkpoint slot it
+overwrites was written (:meth:`fedmpi.results.ResultsWriter.checkpoint`), and
+:meth:`load` reads back only the rows that were ever written.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+BLOCK_BYTES = 64 << 20  # rows moved per block when loading a checkpoint
+
+
+class ClientStateStore:
+    """``arrays[name]``: (clients, size) float32, row ``cid`` is client ``cid``'s;
+    ``last_round[cid]``: the round its rows last changed (-1: never)."""
+
+    def __init__(self, names: tuple[str, ...], clients: int, size: int, path: str | None = None):
+        self.path, self.size = path, size
+        self.kind = "memory" if path is None else "file"
+        self.arrays: dict[str, np.ndarray] = {}
+        for i, name in enumerate(names):
+            if path is None:
+                self.arrays[name] = np.zeros((clients, size), dtype=np.float32)
+            else:
+                self.arrays[name] = np.memmap(f"{path}.{i}" if i else path, dtype=np.float32, mode="w+",
+                                              shape=(clients, size))
+        self.last_round = np.full(clients, -1, dtype=np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def row(self, name: str, client_id: int) -> np.ndarray:
+        return self.arrays[name][client_id]
+
+    def write(self, name: str, client_id: int, values: np.ndarray, round_index: int) -> None:
+        self.arrays[name][client_id] = values
+        self.last_round[client_id] = round_index
+
+    def changed_since(self, round_index: int) -> np.ndarray:
+        """Sorted ids of the clients whose rows changed after ``round_index`` (every
+        client ever written when it is negative)."""
+        return np.flatnonzero(self.last_round > max(round_index, -1))
+
+    def blocks(self, ids: np.ndarray):
+        """``ids`` cut into sorted runs of about :data:`BLOCK_BYTES` of rows each."""
+        step = max(1, BLOCK_BYTES // max(1, 4 * self.size))
+        for start in range(0, len(ids), step):
+            yield ids[start:start + step]
+
+    def load(self, group) -> None:
+        """Read the rows a checkpoint group (``checkpoint/slot<k>/clients``) holds."""
+        self.last_round[:] = group["last_round"][:]
+        ids = self.changed_since(-1)
+        for name, array in self.arrays.items():
+            for block in self.blocks(ids):
+                array[block] = group[name][block]
+
+    def close(self) -> None:
+        """Drop a file store's files (the checkpoint in the results file is the durable copy)."""
+        if self.path is None:
+            return
+        for i, name in enumerate(list(self.arrays)):
+            self.arrays.pop(name)  # the mapping goes with the last reference; the file can go now
+            try:
+                os.remove(f"{self.path}.{i}" if i else self.path)
+            except FileNotFoundError:
+                pass
