@@ -111,15 +111,29 @@ class SingleProcess:
     def close(self) -> None:
         pass
 
+    # ---- groups of an in-job sweep (fedmpi.sweep --in-job): one process is one group of one
+
+    def split(self, color: int) -> SingleProcess:
+        return self
+
+    def for_run(self) -> SingleProcess:
+        return self
+
+    def notify_failure(self) -> None:
+        pass
+
+    def release(self, clean: bool) -> None:
+        pass
+
 
 class MPIComm:
-    """COMM_WORLD through mpi4py's buffer interface."""
+    """A communicator (COMM_WORLD unless ``comm`` is given) through mpi4py's buffer interface."""
 
-    def __init__(self):
+    def __init__(self, comm=None):
         from mpi4py import MPI
 
         self.MPI = MPI
-        self.comm = MPI.COMM_WORLD
+        self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self._row_types: dict = {}
@@ -204,6 +218,113 @@ class MPIComm:
         for t in self._row_types.values():
             t.Free()
         self._row_types.clear()
+
+    def split(self, color: int) -> MPIComm:
+        """The ranks that pass the same ``color`` as one communicator, in rank order
+        (collective over this communicator)."""
+        return MPIComm(self.comm.Split(color, self.rank))
+
+    def for_run(self) -> RunComm:
+        """A private communicator for one run of these ranks (collective over them)."""
+        return RunComm(self.comm.Dup(), self.local_rank())
+
+
+class PeerFailed(RuntimeError):
+    """Another rank of this run raised: the run is abandoned on every rank."""
+
+
+class RunComm(MPIComm):
+    """One run of an in-job sweep group (``python -m fedmpi.sweep --in-job``): the same
+    interface over a private duplicate of the group's communicator, made so that a rank
+    that raises cannot leave its peers waiting in a collective.
+
+    A rank that fails sends every peer a failure notice (:meth:`notify_failure`); each
+    rank keeps a receive for it posted, and every wait of a collective also tests it
+    and raises :class:`PeerFailed`. So every collective is non-blocking and waited for
+    by polling: asleep where waits are long, yielding the core where they are short.
+    The sum of ``transport: reduce`` stays a blocking ``Reduce`` (the algorithm, and so
+    the floating-point order, of a stand-alone run), entered only once every rank has
+    met at a barrier that watches for the notice. A communicator left with requests
+    that will never complete (after a failure) is abandoned, not freed."""
+
+    NOTICE_TAG = 7001
+
+    def __init__(self, comm, local_rank: int):
+        super().__init__(comm)
+        self._local_rank = local_rank
+        self._notice_buf = np.zeros(1, dtype=np.int64)
+        self._notice = self.comm.Irecv(self._notice_buf, source=self.MPI.ANY_SOURCE, tag=self.NOTICE_TAG)
+        self._abandoned: list = []
+        self.failed_rank: int | None = None
+
+    def _check(self) -> None:
+        if self.failed_rank is None and self._notice.Test():
+            self.failed_rank = int(self._notice_buf[0])
+        if self.failed_rank is not None:
+            raise PeerFailed(f"rank {self.failed_rank} of this run failed")
+
+    def _wait(self, request, idle: bool) -> None:
+        delay = 2e-5 if idle else 0.0
+        while not request.Test():
+            try:
+                self._check()
+            except PeerFailed:
+                self._abandoned.append(request)  # it holds its buffers: they must outlive it
+                raise
+            time.sleep(delay)
+            if idle:
+                delay = min(2 * delay, 5e-4)
+
+    def bcast(self, array: np.ndarray) -> None:
+        self._wait(self.comm.Ibcast(array, root=0), idle=False)
+
+    def bcast_idle(self, array: np.ndarray) -> None:
+        self._wait(self.comm.Ibcast(array, root=0), idle=True)
+
+    def barrier_idle(self) -> None:
+        self._wait(self.comm.Ibarrier(), idle=True)
+
+    def gather_rows(self, local: np.ndarray, out: np.ndarray | None, counts: Sequence[int]) -> None:
+        width = local.shape[1] if local.ndim == 2 else out.shape[1]
+        row = self._row_type(local.dtype, width)
+        displs = [0]
+        for c in counts[:-1]:
+            displs.append(displs[-1] + c)
+        recv = [out, (list(counts), displs), row] if self.rank == 0 else None
+        self._wait(self.comm.Igatherv([local, len(local), row], recv, root=0), idle=False)
+
+    def scatter_rows(self, rows: np.ndarray | None, out: np.ndarray, counts: Sequence[int]) -> None:
+        row = self._row_type(out.dtype, out.shape[1])
+        send = [rows, self._layout(counts), row] if self.rank == 0 else None
+        self._wait(self.comm.Iscatterv(send, [out, len(out), row], root=0), idle=False)
+
+    def allgather(self, obj: Any) -> list:
+        self.barrier_idle()
+        return self.comm.allgather(obj)
+
+    def reduce_sum(self, local: np.ndarray, out: np.ndarray | None) -> None:
+        self.barrier_idle()
+        super().reduce_sum(local, out)
+
+    def local_rank(self) -> int:
+        return self._local_rank
+
+    def notify_failure(self) -> None:
+        """This rank failed: tell every peer (they raise PeerFailed in their next wait)."""
+        mine = np.array([self.rank], dtype=np.int64)
+        self._abandoned += [self.comm.Isend(mine, dest=r, tag=self.NOTICE_TAG) for r in range(self.size) if r != self.rank]
+
+    def release(self, clean: bool) -> None:
+        """After the run: free the communicator when every rank finished it cleanly
+        (``clean``: the group agreed on it), else abandon it: the caller keeps this
+        object (and so the buffers of its unfinished requests) referenced."""
+        if self.failed_rank is None:  # no notice came (or it came unseen): withdraw the receive
+            self._notice.Cancel()
+            self._notice.Wait()
+        if not clean:
+            return
+        self.close()
+        self.comm.Free()
 
 
 def connect() -> SingleProcess | MPIComm:

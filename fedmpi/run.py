@@ -30,6 +30,7 @@ import socket
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 
 import yaml
 
@@ -125,47 +126,82 @@ def calibrate(cfg: Config, data, quiet: bool) -> float:
     return sigma
 
 
+@dataclass
+class Prepared:
+    """One rank's start of a run, before any MPI traffic: the config (and what the
+    file of a resumed run says), this rank's data, rank 0's calibrated noise, or the
+    one-line error that stops the run."""
+
+    cfg: Config | None = None
+    resume: dict | None = None
+    data: object = None
+    calibrated: float | None = None
+    error: str | None = None
+    state_store: str | None = None  # rank 0: where the clients' state lives (preflight's memory check)
+
+
+def prepare(args: argparse.Namespace, rank: int) -> Prepared:
+    """Step 1 of the start-up: config, preflight and calibration; a config or data
+    problem becomes ``error``. With ``--print-config`` only the config is resolved."""
+    prepared = Prepared()
+    try:
+        if args.resume:
+            prepared.cfg, prepared.resume = resolve_resume(args)
+        else:
+            prepared.cfg = resolve(args)
+        if args.print_config:
+            return prepared
+        cfg = prepared.cfg
+        prepared.data, prepared.state_store = preflight(cfg, rank, new_file=prepared.resume is None)
+        import torch  # noqa: F401 - every rank needs it; importing before MPI starts overlaps the ranks' imports
+        if rank == 0 and cfg.privacy.target_epsilon is not None:
+            prepared.calibrated = (prepared.resume["attrs"]["dp_noise_multiplier"] if prepared.resume is not None
+                                   else calibrate(cfg, prepared.data, args.quiet))
+    except ConfigError as exc:
+        kind = "data error" if isinstance(exc, DataError) else "config error"
+        prepared.error = f"{kind}: {exc}"
+    return prepared
+
+
+def exchange_status(comm, prepared: Prepared) -> tuple[str | None, Config | None, list]:
+    """Step 2: every rank's error, rank 0's calibrated noise and every host name, over
+    ``comm``. Returns (the first error, naming its rank unless 0, or None; the run's
+    config, the same on every rank; each rank's host name)."""
+    comm.barrier_idle()  # ranks done early sleep here instead of spinning while others load
+    statuses = comm.allgather((prepared.error, prepared.calibrated, socket.gethostname()))
+    hosts = [host for _, _, host in statuses]
+    failed = [(r, e) for r, (e, _, _) in enumerate(statuses) if e]
+    if failed:
+        r, message = failed[0]
+        return message + ("" if r == 0 else f" (on rank {r})"), None, hosts
+    run_cfg = prepared.cfg
+    if statuses[0][1] is not None:  # rank 0 calibrated the noise for a target epsilon: the same on every rank
+        run_cfg = replace(run_cfg, "privacy.noise_multiplier", float(statuses[0][1]))
+    return None, run_cfg, hosts
+
+
 def main(argv: list | None = None) -> int:
     args = parse_args(argv)
     prepare_environment()
     rank = launcher_rank()
-    cfg, data, error, calibrated, resume, state_store = None, None, None, None, None, None
-    try:
-        if args.resume:
-            cfg, resume = resolve_resume(args)
-        else:
-            cfg = resolve(args)
-        if args.print_config:
-            if rank == 0:
-                sys.stdout.write(cfg.to_yaml())
-            return EXIT_OK
-        data, state_store = preflight(cfg, rank, new_file=resume is None)
-        import torch  # noqa: F401 - every rank needs it; importing before MPI starts overlaps the ranks' imports
-        if rank == 0 and cfg.privacy.target_epsilon is not None:
-            calibrated = (resume["attrs"]["dp_noise_multiplier"] if resume is not None
-                          else calibrate(cfg, data, args.quiet))
-    except ConfigError as exc:
-        kind = "data error" if isinstance(exc, DataError) else "config error"
-        error = f"{kind}: {exc}"
+    prepared = prepare(args, rank)
+    cfg, resume = prepared.cfg, prepared.resume
+    if args.print_config and prepared.error is None:
+        if rank == 0:
+            sys.stdout.write(cfg.to_yaml())
+        return EXIT_OK
 
     try:
         comm = connect()
     except RuntimeError as exc:
         print(f"fedmpi: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    comm.barrier_idle()  # ranks done early sleep here instead of spinning while others load
-    statuses = comm.allgather((error, calibrated, socket.gethostname()))
-    failed = [(r, e) for r, (e, _, _) in enumerate(statuses) if e]
-    if failed:
+    problem, run_cfg, rank_hosts = exchange_status(comm, prepared)
+    if problem:
         if comm.rank == 0:
-            r, message = failed[0]
-            where = "" if r == 0 else f" (on rank {r})"
-            print(f"fedmpi: {message}{where}", file=sys.stderr, flush=True)
+            print(f"fedmpi: {problem}", file=sys.stderr, flush=True)
         comm.close()
         return EXIT_BAD_INPUT
-    run_cfg = cfg
-    if statuses[0][1] is not None:  # rank 0 calibrated the noise for a target epsilon: the same on every rank
-        run_cfg = replace(cfg, "privacy.noise_multiplier", float(statuses[0][1]))
     if resume is not None and resume["finished"] and cfg.rounds <= _stored_rounds(resume):
         if comm.rank == 0:
             print(f"fedmpi: {args.resume} has finished its {_stored_rounds(resume)} rounds; nothing to resume "
@@ -175,9 +211,9 @@ def main(argv: list | None = None) -> int:
 
     stopped = False
     try:
-        stopped = run_experiment(run_cfg, comm, data, config_yaml=cfg.to_yaml(), quiet=args.quiet,
-                                 resume_path=args.resume, rank_hosts=[host for _, _, host in statuses],
-                                 state_store=state_store)
+        stopped = run_experiment(run_cfg, comm, prepared.data, config_yaml=cfg.to_yaml(), quiet=args.quiet,
+                                 resume_path=args.resume, rank_hosts=rank_hosts,
+                                 state_store=prepared.state_store)
     except BaseException as exc:  # noqa: BLE001 - any failure must take the whole job down
         if isinstance(exc, SystemExit) and not exc.code:
             raise
@@ -215,12 +251,14 @@ def _run_attrs(cfg: Config, data, rank_hosts: list) -> dict:
 
 
 def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = False, resume_path: str | None = None,
-                   rank_hosts: list | None = None, state_store: str | None = None) -> bool:
+                   rank_hosts: list | None = None, stop: StopSignals | None = None,
+                   state_store: str | None = None) -> bool:
     """This rank's part of one run of ``cfg`` (the noise multiplier already calibrated)
     over ``comm``; ``config_yaml``: the config as the user gave it, stored in the file;
-    ``rank_hosts``: each rank's host name; ``state_store``: where rank 0 keeps the
-    clients' state (as :func:`fedmpi.preflight.check_memory` decided). Returns True
-    when a signal stopped the run after a checkpoint."""
+    ``rank_hosts``: each rank's host name; ``stop``: the process's signal handlers when
+    it runs several experiments (else this run installs its own); ``state_store``:
+    where rank 0 keeps the clients' state (as :func:`fedmpi.preflight.check_memory`
+    decided). Returns True when a signal stopped the run after a checkpoint."""
     import torch
 
     from .algorithms import ALGORITHMS
@@ -241,7 +279,8 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
     per_slot = bool(ALGORITHMS[cfg.algorithm.name].client_state)
     if comm.rank != 0:
         # rank 0 decides when to stop (after a checkpoint) and tells the workers
-        _on_stop_signals(lambda name: None)
+        if stop is None:
+            _on_stop_signals(lambda name: None)
         return serve(RoundMessages(comm, model.size, reduce, per_slot), ClientHost(cfg, data, model)) == EXIT_CHECKPOINTED
 
     from .results import ResultsWriter, read_checkpoint
@@ -252,7 +291,10 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
     else:
         clients = RemoteClients(RoundMessages(comm, model.size, reduce, per_slot))
     loop = ServerLoop(cfg, clients, data, model, weights, writer=None, quiet=quiet, state_store=state_store)
-    _on_stop_signals(lambda name: setattr(loop, "stop_signal", name))
+    if stop is None:
+        _on_stop_signals(lambda name: setattr(loop, "stop_signal", name))
+    else:
+        stop.loop, loop.stop_signal = loop, stop.name
     specs = [{"name": s.name, "shape": list(s.shape), "offset": s.offset, "numel": s.numel} for s in layout(module)]
     attrs = _run_attrs(cfg, data, rank_hosts or [socket.gethostname()])
     if loop.client_state is not None:
@@ -286,6 +328,8 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
         writer.close()
         if loop.client_state is not None:
             loop.client_state.close()
+        if stop is not None:
+            stop.loop = None
 
 
 def _single_threaded_blas() -> None:
@@ -298,6 +342,23 @@ def _single_threaded_blas() -> None:
     except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
         return
     threadpool_limits(1, user_api="blas")
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 for a process that runs one experiment after another
+    (``fedmpi.sweep --in-job``): ``name`` holds the first signal received; the run in
+    progress on this rank (``loop``, set by :func:`run_experiment` on a run's rank 0)
+    checkpoints and stops after its current round."""
+
+    def __init__(self):
+        self.name: str | None = None
+        self.loop = None
+        _on_stop_signals(self._received)
+
+    def _received(self, name: str) -> None:
+        self.name = self.name or name
+        if self.loop is not None:
+            self.loop.stop_signal = name
 
 
 def _on_stop_signals(callback) -> None:
