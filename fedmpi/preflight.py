@@ -76,7 +76,8 @@ def server_memory(cfg: Config, data: FederatedData) -> tuple[int, int, int]:
     """(bytes of update rows, other bytes rank 0 will allocate, parameters d): an estimate
     made before the first round. Rows: cohort x d x 4 (none with transport: reduce);
     the rest from the registries: each pre-aggregation step's float64 rows, what the
-    rule allocates, the honest rows an omniscient attack copies."""
+    rule allocates, the honest rows an omniscient attack copies, the per-slot rows an
+    algorithm with client state sends (the state itself: :func:`place_client_state`)."""
     d = count_params(cfg.model, data.input_shape, data.num_classes)
     k = cfg.clients.per_round
     if cfg.clients.sampling == "poisson":  # the cohort varies: allow for a large one

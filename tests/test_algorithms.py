@@ -306,15 +306,16 @@ def test_scaffold_with_devices_records_what_each_slot_did(scaffold_reference_run
         assert last[cid] == (arrived.max() if len(arrived) else -1)
 
 
-def test_scaffold_runs_are_bitwise_identical_on_2_and_3_ranks(tmp_path, scaffold_reference_run):
-    for ranks, extra in ((2, ["algorithm.state_store=file"]), (3, [])):
-        proc = run_job(ranks, _args([*SCAFFOLD, *extra], f"r{ranks}.h5"), tmp_path)
-        assert proc.returncode == 0, proc.stderr
-        _same_run(scaffold_reference_run, tmp_path / f"r{ranks}.h5")
+def test_scaffold_on_2_ranks_with_a_file_store_is_bitwise_the_1_rank_run(tmp_path, scaffold_reference_run):
+    proc = run_job(2, _args([*SCAFFOLD, "algorithm.state_store=file"], "r2.h5"), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    _same_run(scaffold_reference_run, tmp_path / "r2.h5")
     assert not list(tmp_path.glob("*.client-state"))  # the file store is removed when the run ends
 
 
 def test_scaffold_resumes_exactly_after_a_crash(tmp_path, scaffold_reference_run):
+    """Rounds 0-3 run on 3 ranks, round 4 on 2 after the resume: the file equals the
+    1-rank run's, so this is also the 3-rank invariance check."""
     # rank 0 fails in round 4: the checkpoint after round 3 (slots written after rounds 1 and 3) is what is left
     crashed = run_job(3, ["0", "4", "--", *_args(SCAFFOLD, "crash.h5")], tmp_path, script=HELPERS / "fail_on_rank.py")
     assert crashed.returncode != 0
@@ -326,11 +327,9 @@ def test_scaffold_resumes_exactly_after_a_crash(tmp_path, scaffold_reference_run
 
 
 def test_fedprox_with_devices_is_rank_invariant_and_resumes_exactly(tmp_path):
+    """Rounds 0-3 on 3 ranks, stopped as by SIGTERM, rounds 4.. on 2 ranks: bitwise the 1-rank run."""
     reference = run_job(None, _args(FEDPROX, "ref.h5"), tmp_path)
     assert reference.returncode == 0, reference.stderr
-    on_three = run_job(3, _args(FEDPROX, "r3.h5"), tmp_path)
-    assert on_three.returncode == 0, on_three.stderr
-    _same_run(tmp_path / "ref.h5", tmp_path / "r3.h5")
     stopped = run_job(3, ["3", "--", *_args(FEDPROX, "stop.h5")], tmp_path, script=HELPERS / "stop_after_round.py")
     assert stopped.returncode == 75, stopped.stderr
     resumed = run_job(2, ["--resume", "stop.h5", "--quiet"], tmp_path)
