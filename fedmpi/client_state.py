@@ -5,9 +5,12 @@ named array (SCAFFOLD: ``control``, its control variate c_i), for every client
 of the run, in client id order, whichever rank trains the client in a round:
 
 - ``memory``: a numpy array (pages that no client has touched cost nothing);
-- ``file``: an ``np.memmap`` of the same shape, for state that does not fit
-  rank 0's memory budget (a sparse file next to the results file, removed when
-  the run ends; the operating system pages it).
+- ``file``: the same rows in a sparse file (:class:`FileRows`, beside the results
+  file, removed when the run ends), for state that does not fit rank 0's memory
+  budget: a row is read into a fresh buffer and written back with ``pread`` /
+  ``pwrite``, so the process holds only the rows of the round in hand and the
+  operating system's page cache, which it can drop, holds the rest. (An
+  ``np.memmap`` would count every row ever touched in rank 0's resident memory.)
 
 The store also records the round in which each client's row last changed, so a
 checkpoint writes only the rows that changed since the checkpoint slot it
@@ -24,6 +27,47 @@ import numpy as np
 BLOCK_BYTES = 64 << 20  # rows moved per block when loading a checkpoint
 
 
+class FileRows:
+    """A (rows, size) float32 array in a file, indexed by a row or a slice of rows:
+    reading returns a new array, assigning writes through. Rows never written read as 0."""
+
+    def __init__(self, path: str, rows: int, size: int):
+        self.path, self.shape, self.size = path, (rows, size), size
+        self.nbytes = rows * size * 4
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self.fd, self.nbytes)  # sparse: no block is allocated until written
+
+    def _span(self, key) -> tuple[int, int]:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.shape[0])
+            if step != 1:
+                raise IndexError("FileRows takes a row or a slice of consecutive rows")
+            return start, max(start, stop)
+        row = int(key)
+        if not 0 <= row < self.shape[0]:
+            raise IndexError(f"row {row} out of range 0..{self.shape[0] - 1}")
+        return row, row + 1
+
+    def __getitem__(self, key) -> np.ndarray:
+        start, stop = self._span(key)
+        out = np.empty((stop - start, self.size), dtype=np.float32)
+        if out.nbytes:
+            got = os.preadv(self.fd, [out], start * self.size * 4)
+            if got != out.nbytes:
+                raise OSError(f"{self.path}: short read of rows {start}..{stop - 1}")
+        return out if isinstance(key, slice) else out[0]
+
+    def __setitem__(self, key, values) -> None:
+        start, stop = self._span(key)
+        data = np.ascontiguousarray(np.broadcast_to(values, (stop - start, self.size)), dtype=np.float32)
+        written = os.pwrite(self.fd, data, start * self.size * 4)
+        if written != data.nbytes:
+            raise OSError(f"{self.path}: short write of rows {start}..{stop - 1}")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class ClientStateStore:
     """``arrays[name]``: (clients, size) float32, row ``cid`` is client ``cid``'s;
     ``last_round[cid]``: the round its rows last changed (-1: never)."""
@@ -31,13 +75,12 @@ class ClientStateStore:
     def __init__(self, names: tuple[str, ...], clients: int, size: int, path: str | None = None):
         self.path, self.size = path, size
         self.kind = "memory" if path is None else "file"
-        self.arrays: dict[str, np.ndarray] = {}
+        self.arrays: dict[str, np.ndarray | FileRows] = {}
         for i, name in enumerate(names):
             if path is None:
                 self.arrays[name] = np.zeros((clients, size), dtype=np.float32)
             else:
-                self.arrays[name] = np.memmap(f"{path}.{i}" if i else path, dtype=np.float32, mode="w+",
-                                              shape=(clients, size))
+                self.arrays[name] = FileRows(f"{path}.{i}" if i else path, clients, size)
         self.last_round = np.full(clients, -1, dtype=np.int64)
 
     @property
@@ -45,6 +88,7 @@ class ClientStateStore:
         return sum(a.nbytes for a in self.arrays.values())
 
     def row(self, name: str, client_id: int) -> np.ndarray:
+        """Client ``client_id``'s row, to read (a view in memory, a copy from a file)."""
         return self.arrays[name][client_id]
 
     def write(self, name: str, client_id: int, values: np.ndarray, round_index: int) -> None:
@@ -79,7 +123,7 @@ class ClientStateStore:
         if self.path is None:
             return
         for i, name in enumerate(list(self.arrays)):
-            self.arrays.pop(name)  # the mapping goes with the last reference; the file can go now
+            self.arrays.pop(name).close()
             try:
                 os.remove(f"{self.path}.{i}" if i else self.path)
             except FileNotFoundError:

@@ -8,7 +8,7 @@ local client-level DP for honest clients. With heterogeneous devices
 algorithm sends per slot (SCAFFOLD's c - c_i) is added to every local step.
 
 Rank 0 reaches the clients through one interface, ``collect(round, cohort,
-weights) -> Updates`` and ``stop(status)``: :class:`RemoteClients` over MPI
+weights, slot_rows) -> Updates`` and ``stop(status)``: :class:`RemoteClients` over MPI
 (the workers run :func:`serve`), or :class:`LocalClients` in a single process,
 where rank 0 trains the cohort itself. Both produce the same bytes.
 """
