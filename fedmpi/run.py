@@ -270,6 +270,7 @@ def fail_job(comm, exc: BaseException, who: str) -> int:
         raise exc
     print(f"fedmpi: {who} failed:", file=sys.stderr)
     traceback.print_exc()
+    sys.stderr.flush()  # before MPI_Abort ends the process
     if comm.size > 1:
         comm.abort(EXIT_FAILED)
     return EXIT_FAILED

@@ -347,10 +347,11 @@ def test_fedprox_with_devices_is_rank_invariant_and_resumes_exactly(tmp_path):
 
 def test_client_state_of_1000_clients_by_100k_parameters_goes_to_a_file_store(tmp_path):
     """1000 clients x 105,010 parameters (MLP 64-1400-10) = 420 MB of control variates,
-    over what a 0.55 GiB budget leaves: the run keeps them in a file store, and its
-    checkpoint holds only the rows of the clients that took part."""
+    over what a 0.7 GiB budget leaves (after about 0.6 GiB of torch, data and working
+    memory): the run keeps them in a file store, and its checkpoint holds only the rows
+    of the clients that took part."""
     overrides = ["algorithm.name=scaffold", "clients.total=1000", "clients.per_round=10", "model.hidden=[1400]",
-                 "rounds=2", "memory_limit_gb=0.55"]
+                 "rounds=2", "memory_limit_gb=0.7"]
     proc = run_job(None, _args(overrides, "big.h5"), tmp_path)
     assert proc.returncode == 0, proc.stderr
     with h5py.File(tmp_path / "big.h5", "r") as f:

@@ -29,7 +29,7 @@ def _loop(overrides, writer=None):
 
 def test_fang_krum_crafts_rows_against_the_rule_in_use():
     loop, _ = _loop(["attack.name=fang_krum", "attack.clients=[2, 5]", "aggregator.name=krum"])
-    updates = loop.collect(0, sample_cohort(loop.cfg, 0))
+    updates, _ = loop.collect(0, sample_cohort(loop.cfg, 0))
     byz = updates.rows[updates.byzantine].astype(np.float64)
     honest = updates.rows[~updates.byzantine].astype(np.float64)
     # w1 = -lambda * sign(mean honest): every coordinate is 0 or +-lambda, against the honest direction
@@ -48,7 +48,7 @@ def test_fang_krum_crafts_rows_against_the_rule_in_use():
 
 def test_optimised_alie_uses_the_rule_and_beats_the_default_z():
     loop, _ = _loop(["attack.name=alie_optimised", "attack.clients=[2, 5]", "aggregator.name=median"])
-    updates = loop.collect(0, sample_cohort(loop.cfg, 0))
+    updates, _ = loop.collect(0, sample_cohort(loop.cfg, 0))
     honest = updates.rows[~updates.byzantine]
     vector, z = attacks.alie_optimised(honest, 8, 2, lambda rows: loop.aggregator.simulate(rows, 2, 0))
     np.testing.assert_array_equal(updates.rows[updates.byzantine][0], vector.astype(np.float32))

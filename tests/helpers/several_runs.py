@@ -27,9 +27,9 @@ comm = comm_mod.connect()
 for index, argv in enumerate(groups):
     args = run.parse_args(argv)
     cfg = run.resolve(args)
-    data = preflight(cfg, comm.rank)
+    data, state_store = preflight(cfg, comm.rank, ranks=comm.size)
     try:
-        status = run.run_experiment(cfg, comm, data, config_yaml=cfg.to_yaml(), quiet=True)
+        status = run.run_experiment(cfg, comm, data, config_yaml=cfg.to_yaml(), quiet=True, state_store=state_store)
     except BaseException:
         import traceback
 
