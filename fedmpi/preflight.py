@@ -60,6 +60,12 @@ def check_model(cfg: Config, data: FederatedData) -> None:
     if problem:
         raise ConfigError("model.name", cfg.model.name, f"{problem}; data.name = {cfg.data.name} gives samples of "
                           f"shape {data.input_shape}")
+    a = cfg.audit.canaries
+    if a.count and a.kind == "dirac":
+        d = count_params(cfg.model, data.input_shape, data.num_classes)
+        if a.count > d:
+            raise ConfigError("audit.canaries.count", a.count, f"dirac canaries need a coordinate each, and the model "
+                              f"has {d} parameters")
 
 
 def _gib(n: float) -> str:
@@ -75,8 +81,10 @@ def server_memory(cfg: Config, data: FederatedData) -> tuple[int, int, int]:
     k = cfg.clients.per_round
     if cfg.clients.sampling == "poisson":  # the cohort varies: allow for a large one
         k = min(cfg.clients.total, int(k + 6 * math.sqrt(k) + 1))
+    k += cfg.audit.client_canaries.count  # canary clients' rows, at most all of them
     rows = 0 if cfg.transport == "reduce" else k * d * 4
     other = 8 * d * 8  # weights, aggregate, optimizer state, checkpoint slots, center...
+    other += cfg.audit.client_canaries.count * d * 4  # the canary directions
     g = cfg.aggregator
     n = k
     for step in g.pre:
@@ -97,6 +105,11 @@ def check_memory(cfg: Config, data: FederatedData) -> None:
         budget, what = int(cfg.memory_limit_gb * 2**30), f"memory_limit_gb = {cfg.memory_limit_gb:g}"
     else:
         budget, what = available_memory() + resident, "the memory available on this node"
+    if need > budget and cfg.audit.client_canaries.count:
+        raise ConfigError("audit.client_canaries.count", cfg.audit.client_canaries.count,
+                          f"rank 0 would need about {_gib(need)} with the canary clients' directions and rows "
+                          f"({d} parameters x 4 bytes each), over its budget of {_gib(budget)} ({what}); use fewer "
+                          "canary clients or raise memory_limit_gb")
     if need > budget:
         raise ConfigError("clients.per_round", cfg.clients.per_round,
                           f"rank 0 would need about {_gib(need)}: {_gib(rows)} of update rows (cohort x {d} parameters "

@@ -34,7 +34,9 @@ class Updates:
     float64 sum of n_i * update_i (``transport: reduce``). ``records``: (K, R)
     float64 rows of :data:`fedmpi.protocol.RECORD_FIELDS`. ``counts``: slots per
     rank. ``byzantine``: which slots hold a Byzantine client. ``norms``: the L2 norm
-    of each slot's update as received."""
+    of each slot's update as received. ``canaries``: how many of the last slots are
+    audit canary clients inserted by rank 0 (:mod:`fedmpi.canaries`), not clients
+    of the run."""
 
     cohort: np.ndarray
     records: np.ndarray
@@ -43,6 +45,7 @@ class Updates:
     total: np.ndarray | None = None
     byzantine: np.ndarray | None = None
     norms: np.ndarray | None = None
+    canaries: int = 0
 
     def record(self, name: str) -> np.ndarray:
         return self.records[:, RECORD[name]]

@@ -22,6 +22,7 @@ PURPOSES = {
     "attack": 9,
     "server_noise": 10,
     "bucketing": 11,
+    "audit": 12,
 }
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from . import attacks, seeding
 from .aggregation import row_norms
+from .canaries import ClientCanaries, ExampleCanaries
 from .data import FederatedData
 from .models import FlatModel
 from .optimizers import ServerOptimizer
@@ -53,6 +54,17 @@ def sample_cohort(cfg: Config, round_index: int) -> np.ndarray:
     if c.sampling == "poisson":
         return np.flatnonzero(g.random(c.total) < c.per_round / c.total).astype(np.int64)
     return np.sort(g.choice(c.total, size=c.per_round, replace=False)).astype(np.int64)
+
+
+def without_canaries(updates: Updates, result: Aggregate) -> tuple[Updates, Aggregate]:
+    """The round's real cohort: the canary clients rank 0 inserted (the last slots) left out."""
+    if not updates.canaries:
+        return updates, result
+    n = len(updates.cohort) - updates.canaries
+    real = Updates(updates.cohort[:n], updates.records[:n], updates.counts, byzantine=updates.byzantine[:n],
+                   norms=updates.norms[:n])
+    clipped = result.clipped[:n] if result.clipped is not None else None
+    return real, Aggregate(result.vector, result.selected[:n], result.scores[:n], clipped)
 
 
 def build_aggregator(cfg: Config, size: int):
@@ -111,6 +123,12 @@ class ServerLoop:
         self.byzantine_ids = attacks.byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients)
         self.attack_params = attacks.resolved_params(a.name, a.params, cfg.clients.per_round)
         self.accountant = RunAccountant(cfg) if cfg.privacy.mode != "none" else None
+        # audit canaries (fedmpi.canaries); the weights here are the run's initial ones, also on resume
+        audit = cfg.audit
+        self.example_canaries = ExampleCanaries(cfg, data, model.size) if audit.canaries.count else None
+        self.initial_weights = weights.copy() if self.example_canaries is not None else None
+        self.client_canaries = (ClientCanaries(cfg, weights, data.client_sizes()) if audit.client_canaries.count
+                                else None)
         self.last_accuracy = np.nan
         self.stop_signal: str | None = None  # set by a signal handler: checkpoint and stop after this round
 
@@ -120,6 +138,8 @@ class ServerLoop:
         parts = {"optimizer": self.optimizer.state, "aggregator": self.aggregator.state}
         if self.accountant is not None:
             parts["accountant"] = self.accountant.state()
+        if self.client_canaries is not None:
+            parts["audit"] = self.client_canaries.state
         return parts
 
     def state(self) -> dict[str, np.ndarray]:
@@ -135,6 +155,23 @@ class ServerLoop:
                 value[...] = state[f"{part}/{key}"]
         if self.accountant is not None:
             self.accountant.load_state({k.split("/", 1)[1]: v for k, v in state.items() if k.startswith("accountant/")})
+        if self.client_canaries is not None:
+            for key, value in self.client_canaries.state.items():
+                value[...] = state[f"audit/{key}"]
+
+    def audit_specs(self) -> dict:
+        """The /audit datasets this run's canaries fill (created with the results file)."""
+        specs = {}
+        for canaries in (self.example_canaries, self.client_canaries):
+            if canaries is not None:
+                specs.update(canaries.specs())
+        return specs
+
+    def write_audit_definitions(self) -> None:
+        """The canaries and the audits' parameters, written as the run (or a resumed session) starts."""
+        for canaries in (self.example_canaries, self.client_canaries):
+            if canaries is not None:
+                canaries.write_definition(self.writer)
 
     # ---- the run
 
@@ -168,7 +205,11 @@ class ServerLoop:
         updates = self.collect(r, cohort)
         clock.lap("collect")
         result = self.aggregator(updates, r)
+        before = self.weights.copy() if self.client_canaries is not None else None
         self.optimizer.step(self.weights, result.vector)
+        if self.client_canaries is not None:
+            self.client_canaries.observe(self.weights.astype(np.float64) - before)
+            updates, result = without_canaries(updates, result)
         privacy = self.account(updates)
         clock.lap("aggregate")
         evaluation = self.evaluate(r)
@@ -187,6 +228,8 @@ class ServerLoop:
         if self.attack.on_server is not None:
             self.attack.on_server(updates.rows, updates.byzantine, self.attack_params)
         updates.norms = row_norms(updates.rows) if len(cohort) else np.empty(0)
+        if self.client_canaries is not None:
+            updates = self.client_canaries.insert(r, updates)
         return updates
 
     def account(self, updates: Updates) -> Privacy:
@@ -240,11 +283,18 @@ class ServerLoop:
             print(progress_line(vars(row), cfg.rounds), flush=True)
 
     def final_privacy(self) -> dict:
+        """The final epsilon, and the audits of the run's canaries (written to /audit), printed on one line."""
         if self.accountant is None:
             return {}
         eps, eps_median, used = self.accountant.final()
         p = self.cfg.privacy
+        audits = []
+        if self.example_canaries is not None:
+            audits.append(self.example_canaries.finish(self.initial_weights, self.weights, self.model, self.writer))
+        if self.client_canaries is not None:
+            audits.append(self.client_canaries.finish(self.weights, self.writer))
         if not self.quiet:
             print(f"privacy: epsilon {eps:.4g} (median over clients {eps_median:.4g}) at delta {p.delta:g}, "
-                  f"{used.upper()} accountant, noise multiplier {p.noise_multiplier:.4g}", flush=True)
+                  f"{used.upper()} accountant, noise multiplier {p.noise_multiplier:.4g}"
+                  + "".join(f"; {text}" for text in audits), flush=True)
         return {"epsilon": eps, "epsilon_median": eps_median, "accountant": used}

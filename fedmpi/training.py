@@ -25,6 +25,7 @@ from . import seeding
 from .models import FlatModel
 from .privacy.accounting import dp_schedule
 from .privacy.dpsgd import PerExampleGradients
+from .privacy.hooks import noise_scale
 from .schema import Config
 
 
@@ -48,6 +49,8 @@ class LocalTrainer:
             self.per_example = PerExampleGradients(model.module)
             self.grad_views = [p.grad for p in model.module.parameters()]
             self.noise_cpu = torch.empty(model.size, dtype=torch.float32)
+            self.noise_scale = noise_scale()  # 1.0 unless a test injects a bug (fedmpi.privacy.hooks)
+        self.canary_grad: torch.Tensor | None = None  # input canaries' clipped gradients, when a run has them
 
     def _batches(self, n: int, gen: torch.Generator):
         t = self.cfg.train
@@ -62,9 +65,28 @@ class LocalTrainer:
                 idx = order[start:start + t.batch_size]
                 yield idx, len(idx)
 
+    def _add_canaries(self, canaries, rate: float) -> None:
+        """Audit canaries (:class:`fedmpi.canaries.CanaryShare`) that this step samples, each
+        with the client's rate: their clipped gradients join the clipped per-example sum."""
+        picked = canaries.sample(rate)
+        if not len(picked):
+            return
+        grad, device, clip = self.model.grad, self.model.device, self.cfg.privacy.max_grad_norm
+        if canaries.coordinates is not None:  # dirac: +C on the canary's own coordinate
+            grad[torch.from_numpy(canaries.coordinates[picked]).to(device)] += clip
+            return
+        if self.canary_grad is None:
+            self.canary_grad = torch.zeros_like(grad)
+            self.canary_views = [self.canary_grad[s.offset:s.offset + s.numel].view(s.shape) for s in self.model.specs]
+        xc = torch.from_numpy(canaries.x[picked]).to(device)
+        yc = torch.from_numpy(canaries.y[picked]).to(device)
+        self.per_example.compute(xc, yc, F.cross_entropy, clip, self.canary_views)
+        grad.add_(self.canary_grad)
+
     def train(self, global_weights: np.ndarray, x: np.ndarray, y: np.ndarray, round_index: int,
-              client_id: int, out: np.ndarray) -> ClientResult:
-        """Train one client from ``global_weights``; write its update into ``out``."""
+              client_id: int, out: np.ndarray, canaries=None) -> ClientResult:
+        """Train one client from ``global_weights``; write its update into ``out``.
+        ``canaries``: the audit canaries the client holds this round (DP-SGD only), or None."""
         t, p = self.cfg.train, self.cfg.privacy
         model, flat, grad = self.model.module, self.model.flat, self.model.grad
         self.model.set_weights(global_weights)
@@ -78,6 +100,9 @@ class LocalTrainer:
         if self.dp:
             noise_gen = torch.Generator().manual_seed(seeding.torch_seed(self.cfg.seed, "dp_noise", round_index, client_id))
             noise_std = p.noise_multiplier * p.max_grad_norm
+            if self.noise_scale != 1.0:
+                noise_std *= self.noise_scale
+            rate = dp_schedule(n, t.batch_size, t.epochs)[0]
         buf = self.momentum_buffer
         loss_sum, seen, clipped, steps = 0.0, 0, 0, 0
         for idx, expected_size in self._batches(n, gen):
@@ -89,6 +114,8 @@ class LocalTrainer:
                 else:
                     grad.zero_()
                     batch_loss = 0.0
+                if canaries is not None:
+                    self._add_canaries(canaries, rate)
                 # drawn on the CPU whatever the device: the same noise on CPU and GPU
                 torch.randn(grad.shape, generator=noise_gen, out=self.noise_cpu)
                 grad.add_(self.noise_cpu.to(device, non_blocking=True), alpha=noise_std)

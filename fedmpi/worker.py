@@ -19,6 +19,7 @@ import numpy as np
 
 from . import attacks
 from .aggregation import row_norms
+from .canaries import ExampleCanaries
 from .data import FederatedData
 from .models import FlatModel
 from .privacy.client_level import privatise_update
@@ -39,6 +40,7 @@ class ClientHost:
         self.attack = attacks.ATTACKS[a.name]
         self.byzantine = set(attacks.byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients).tolist())
         self.attack_params = attacks.resolved_params(a.name, a.params, cfg.clients.per_round)
+        self.canaries = ExampleCanaries(cfg, data, model.size) if cfg.audit.canaries.count else None
 
     def train_slots(self, round_index: int, client_ids: np.ndarray, weights: np.ndarray,
                     rows: np.ndarray, records: np.ndarray) -> None:
@@ -52,7 +54,8 @@ class ClientHost:
             if byzantine and attack.on_data is not None:
                 x, y = attack.on_data(x, y, self.data.num_classes, self.attack_params,
                                       attacks.client_rng(cfg.seed, round_index, cid))
-            result = self.trainer.train(weights, x, y, round_index, cid, rows[i])
+            share = self.canaries.share(round_index, cid) if self.canaries is not None else None
+            result = self.trainer.train(weights, x, y, round_index, cid, rows[i], canaries=share)
             clipped_fraction = result.clipped_fraction
             if byzantine and attack.on_update is not None:  # a Byzantine client sends what it likes, DP or not
                 attack.on_update(rows[i], self.attack_params, attacks.client_rng(cfg.seed, round_index, cid))
