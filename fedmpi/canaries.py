@@ -61,6 +61,52 @@ EXAMPLE_GROUP = "audit/canaries"
 CLIENT_GROUP = "audit/client_canaries"
 
 
+# /audit datasets: (name, one entry per canary (else a scalar), dtype, description)
+EXAMPLE_FIELDS = (
+    ("included", True, "bool", "canary j was included in training (probability 1/2, keyed by the seed)"),
+    ("client_id", True, "i8", "the client that holds canary j"),
+    ("coordinate", True, "i8", "dirac: the model coordinate of canary j's gradient (+C); -1 for input"),
+    ("example", True, "i8", "input: index of canary j among its client's examples (-1: dirac, or a client without "
+                            "examples)"),
+    ("label", True, "i8", "input: the wrong label canary j carries; -1 for dirac"),
+    ("score", True, "f8", "dirac: w_0 - w_T at its coordinate; input: minus its cross-entropy on the final model "
+                          "(NaN until the run finishes)"),
+    ("guess", True, "i1", "1: guessed included (k top scores), -1: guessed not (k bottom), 0: abstained"),
+    ("count", False, "i8", "m, the number of canaries"),
+    ("k", False, "i8", "guesses on each side (k top, k bottom), fixed before the run"),
+    ("guesses", False, "i8", "guesses made, 2k"),
+    ("correct", False, "i8", "right guesses (0 until the run finishes)"),
+    ("alpha", False, "f8", "significance: the bound holds with probability 1 - alpha"),
+    ("delta", False, "f8", "the delta the bound is for (privacy.delta)"),
+    ("epsilon_lower_bound", False, "f8", "one-run epsilon lower bound (Steinke et al. 2023); NaN until the run "
+                                         "finishes"),
+)
+CLIENT_FIELDS = (
+    ("included", True, "bool", "canary client j was inserted (probability 1/2, keyed by the seed)"),
+    ("participations", True, "i8", "rounds canary client j took part in (0 until the run finishes)"),
+    ("final_cosine", True, "f8", "cosine of canary j's direction with the final model change w_T - w_0"),
+    ("max_cosine", True, "f8", "maximum over rounds of the cosine with the round's model change"),
+    ("count", False, "i8", "canary clients m"),
+    ("dim", False, "i8", "d, the dimension of the canary directions"),
+    ("scale", False, "f8", "a canary's update norm, in units of the clip norm S"),
+    ("delta", False, "f8", "the delta the estimates are for (privacy.delta)"),
+    ("epsilon_final", False, "f8", "estimate from the final model (Andrew et al. 2024; NaN until the run finishes, "
+                                   "or with fewer than 2 inserted canaries)"),
+    ("epsilon_max_cosine", False, "f8", "estimate from the maximum cosine over rounds, null fitted to the canaries "
+                                        "not inserted"),
+)
+
+
+def _specs(group: str, count: int, fields: tuple) -> dict[str, DatasetSpec]:
+    return {f"{group}/{name}": DatasetSpec((count,) if per_canary else (), dtype, doc)
+            for name, per_canary, dtype, doc in fields}
+
+
+def _write(writer, group: str, **values) -> None:
+    for name, value in values.items():
+        writer.write(f"{group}/{name}", value)
+
+
 def resolved_k(count: int, k: int | None) -> int:
     """Guesses on each side: ``k``, or count // 10 (at least 1) when not given."""
     return k if k is not None else max(1, count // 10)
@@ -144,39 +190,16 @@ class ExampleCanaries:
     # ---- rank 0: the record and the audit
 
     def specs(self) -> dict[str, DatasetSpec]:
-        m, g = (self.count,), EXAMPLE_GROUP
-        return {
-            f"{g}/included": DatasetSpec(m, "bool", "canary j was included in training (probability 1/2, keyed by the seed)"),
-            f"{g}/client_id": DatasetSpec(m, "i8", "the client that holds canary j"),
-            f"{g}/coordinate": DatasetSpec(m, "i8", "dirac: the model coordinate of canary j's gradient (+C); -1 for input"),
-            f"{g}/example": DatasetSpec(m, "i8", "input: index of canary j among its client's examples (-1: dirac, "
-                                                 "or a client without examples)"),
-            f"{g}/label": DatasetSpec(m, "i8", "input: the wrong label canary j carries; -1 for dirac"),
-            f"{g}/score": DatasetSpec(m, "f8", "dirac: w_0 - w_T at its coordinate; input: minus its cross-entropy "
-                                               "on the final model (NaN until the run finishes)"),
-            f"{g}/guess": DatasetSpec(m, "i1", "1: guessed included (k top scores), -1: guessed not (k bottom), "
-                                               "0: abstained"),
-            f"{g}/count": DatasetSpec((), "i8", "m, the number of canaries"),
-            f"{g}/k": DatasetSpec((), "i8", "guesses on each side (k top, k bottom), fixed before the run"),
-            f"{g}/guesses": DatasetSpec((), "i8", "guesses made, 2k"),
-            f"{g}/correct": DatasetSpec((), "i8", "right guesses (0 until the run finishes)"),
-            f"{g}/alpha": DatasetSpec((), "f8", "significance: the bound holds with probability 1 - alpha"),
-            f"{g}/delta": DatasetSpec((), "f8", "the delta the bound is for (privacy.delta)"),
-            f"{g}/epsilon_lower_bound": DatasetSpec((), "f8", "one-run epsilon lower bound (Steinke et al. 2023); "
-                                                              "NaN until the run finishes"),
-        }
+        return _specs(EXAMPLE_GROUP, self.count, EXAMPLE_FIELDS)
 
     def write_definition(self, writer) -> None:
         """What is known before training: the canaries and the audit's parameters."""
         if self.kind == "input":
             for cid in np.unique(self.client_id).tolist():
                 self._resolve_inputs(int(cid))
-        g = EXAMPLE_GROUP
-        for name, value in (("included", self.included), ("client_id", self.client_id),
-                            ("coordinate", self.coordinate), ("example", self.example), ("label", self.label),
-                            ("count", self.count), ("k", self.k), ("guesses", 2 * self.k), ("alpha", self.alpha),
-                            ("delta", self.cfg.privacy.delta)):
-            writer.write(f"{g}/{name}", value)
+        _write(writer, EXAMPLE_GROUP, included=self.included, client_id=self.client_id, coordinate=self.coordinate,
+               example=self.example, label=self.label, count=self.count, k=self.k, guesses=2 * self.k,
+               alpha=self.alpha, delta=self.cfg.privacy.delta)
 
     def scores(self, initial: np.ndarray, final: np.ndarray, model) -> np.ndarray:
         """Each canary's score (higher: more likely included); -inf where it cannot be scored."""
@@ -211,9 +234,7 @@ class ExampleCanaries:
         guess[order[self.count - self.k:]] = -1
         correct = int(((guess == 1) & self.included).sum() + ((guess == -1) & ~self.included).sum())
         bound = one_run_epsilon(2 * self.k, correct, self.count, self.cfg.privacy.delta, self.alpha)
-        g = EXAMPLE_GROUP
-        for name, value in (("score", scores), ("guess", guess), ("correct", correct), ("epsilon_lower_bound", bound)):
-            writer.write(f"{g}/{name}", value)
+        _write(writer, EXAMPLE_GROUP, score=scores, guess=guess, correct=correct, epsilon_lower_bound=bound)
         return (f"one-run audit lower bound {bound:.3g} ({self.count} {self.kind} canaries, {correct}/{2 * self.k} "
                 f"guesses right, {100 * (1 - self.alpha):g}%)")
 
@@ -288,27 +309,11 @@ class ClientCanaries:
         np.maximum(self.state["max_cosine"], self.cosines(change), out=self.state["max_cosine"])
 
     def specs(self) -> dict[str, DatasetSpec]:
-        m, g = (self.count,), CLIENT_GROUP
-        return {
-            f"{g}/included": DatasetSpec(m, "bool", "canary client j was inserted (probability 1/2, keyed by the seed)"),
-            f"{g}/participations": DatasetSpec(m, "i8", "rounds canary client j took part in (0 until the run finishes)"),
-            f"{g}/final_cosine": DatasetSpec(m, "f8", "cosine of canary j's direction with the final model change w_T - w_0"),
-            f"{g}/max_cosine": DatasetSpec(m, "f8", "maximum over rounds of the cosine with the round's model change"),
-            f"{g}/count": DatasetSpec((), "i8", "canary clients m"),
-            f"{g}/dim": DatasetSpec((), "i8", "d, the dimension of the canary directions"),
-            f"{g}/scale": DatasetSpec((), "f8", "a canary's update norm, in units of the clip norm S"),
-            f"{g}/delta": DatasetSpec((), "f8", "the delta the estimates are for (privacy.delta)"),
-            f"{g}/epsilon_final": DatasetSpec((), "f8", "estimate from the final model (Andrew et al. 2024; NaN until "
-                                                        "the run finishes, or with fewer than 2 inserted canaries)"),
-            f"{g}/epsilon_max_cosine": DatasetSpec((), "f8", "estimate from the maximum cosine over rounds, null fitted "
-                                                             "to the canaries not inserted"),
-        }
+        return _specs(CLIENT_GROUP, self.count, CLIENT_FIELDS)
 
     def write_definition(self, writer) -> None:
-        g = CLIENT_GROUP
-        for name, value in (("included", self.included), ("count", self.count), ("dim", self.size),
-                            ("scale", self.scale), ("delta", self.cfg.privacy.delta)):
-            writer.write(f"{g}/{name}", value)
+        _write(writer, CLIENT_GROUP, included=self.included, count=self.count, dim=self.size, scale=self.scale,
+               delta=self.cfg.privacy.delta)
 
     def estimates(self, final: np.ndarray) -> tuple[np.ndarray, float, float]:
         """(final cosines, estimate from the final model, estimate from the max cosine)."""
@@ -328,10 +333,7 @@ class ClientCanaries:
 
     def finish(self, final: np.ndarray, writer) -> str:
         final_cos, eps_final, eps_max = self.estimates(final)
-        g = CLIENT_GROUP
-        for name, value in (("participations", self.state["participations"]), ("final_cosine", final_cos),
-                            ("max_cosine", self.state["max_cosine"]), ("epsilon_final", eps_final),
-                            ("epsilon_max_cosine", eps_max)):
-            writer.write(f"{g}/{name}", value)
+        _write(writer, CLIENT_GROUP, participations=self.state["participations"], final_cosine=final_cos,
+               max_cosine=self.state["max_cosine"], epsilon_final=eps_final, epsilon_max_cosine=eps_max)
         return (f"canary estimate {eps_final:.3g} from the final model, {eps_max:.3g} from the max cosine over rounds "
                 f"({self.count} canary clients, {int(self.included.sum())} inserted)")

@@ -7,7 +7,8 @@
 2. collect the cohort's updates through the clients interface (workers over
    MPI, or this process), in slot order; omniscient attackers (the attack's
    ``on_server`` hook) then replace the Byzantine rows, and every row's norm
-   is taken;
+   is taken; the audit's canary clients, if any, append their rows
+   (:mod:`fedmpi.canaries`; they leave the round's records after step 4);
 3. aggregate (:func:`build_aggregator`: the rule with its pre-aggregation
    steps, the pre-summed mean of ``transport: reduce``, or central DP);
 4. step the server optimizer;

@@ -10,7 +10,9 @@ client's key (seed, "shuffle", round, client id). With sample-level DP
 each example included with probability q = B / n, and every step is a DP-SGD
 step (Abadi et al. 2016): per-example gradients clipped to C, summed, noise
 N(0, sigma^2 C^2) from the key (seed, "dp_noise", round, client id), divided by
-the expected batch size q n.
+the expected batch size q n. Audit canaries the client holds (:mod:`fedmpi.canaries`)
+are sampled in each step with the same rate q and join the clipped sum before the
+noise.
 """
 
 from __future__ import annotations
