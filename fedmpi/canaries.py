@@ -42,6 +42,7 @@ of this exists and a run computes exactly what it computed before.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -287,11 +288,13 @@ class ClientCanaries:
                 privatise_update(row, p.max_grad_norm, p.noise_multiplier, self.cfg.seed, round_index,
                                  self.cfg.clients.total + int(j))
         norms = np.sqrt(np.einsum("ij,ij->i", rows.astype(np.float64), rows.astype(np.float64)))
-        return Updates(
-            cohort=np.concatenate([updates.cohort, self.cfg.clients.total + chosen]),
-            records=np.concatenate([updates.records, records]), counts=updates.counts,
-            rows=np.concatenate([updates.rows, rows]), byzantine=np.concatenate([updates.byzantine, np.zeros(len(chosen), bool)]),
-            norms=np.concatenate([updates.norms, norms]), canaries=len(chosen))
+        records[:, RECORD["update_norm"]], records[:, RECORD["finite"]] = norms, 1.0
+        finite = np.concatenate([updates.finite, np.ones(len(chosen), bool)]) if updates.finite is not None else None
+        return dataclasses.replace(
+            updates, cohort=np.concatenate([updates.cohort, self.cfg.clients.total + chosen]),
+            records=np.concatenate([updates.records, records]), rows=np.concatenate([updates.rows, rows]),
+            byzantine=np.concatenate([updates.byzantine, np.zeros(len(chosen), bool)]),
+            norms=np.concatenate([updates.norms, norms]), finite=finite, canaries=len(chosen))
 
     def cosines(self, change: np.ndarray) -> np.ndarray:
         """cos(u_j, change) for every canary (0 for a zero change), float64."""
