@@ -33,6 +33,12 @@ they can, and medians are reported). Sections:
                RSS; the per-block costs and the collectives' bandwidth measured here, and from
                them a projection for 10,000 clients per round, d = 1e6, on 16 to 256 ranks;
                the memory estimate of a 2,000-client cohort of a 4.2M-parameter model.
+``state``      SCAFFOLD's client state for 1000 clients x 1e5 parameters (400 MB): rank 0's
+               per-round work on it (the cohort's c - c_i rows, then option II and c) with
+               the file-backed store against the in-memory one, cohort 10 and 100; an
+               incremental checkpoint (the rows changed since the slot was written)
+               against writing every row; and rank 0's peak RSS in a real 3-rank run with
+               each store.
 ``accounting`` per-round RDP accounting on dp-accounting's fine order grid (RunAccountant.after_round,
                replayed in this process on the cohorts of a DP-SGD digits run under
                ``mpirun -n 3``) against that run's rounds: steady state (cached per-step
@@ -813,6 +819,77 @@ def bench_sharded(quick: bool = False) -> list[dict]:
                          + (" (rank-0 path)" if e["ranks"] == 1 else ""), e["cohort_at_1e6"], e["d_at_2000"], "rows / d",
                          float("nan"), "-", None, f"cohort {e['cohort_at_1e6']:,} at d = 1e6; d = {e['d_at_2000']:,} "
                          "at a cohort of 2,000"))
+
+
+def bench_state(quick: bool = False) -> list[dict]:
+    """SCAFFOLD's client state: the file store's cost against memory, checkpoints, peak RSS."""
+    from .algorithms import ScaffoldServer
+    from .client_state import ClientStateStore
+    from .config import load
+    from .protocol import RECORD, RECORD_FIELDS
+    from .results import ResultsWriter
+    from .rounds import Updates
+
+    clients, d = (200 if quick else 1000), 100_000
+    cfg = load(None, ["algorithm.name=scaffold", f"clients.total={clients}", "clients.per_round=10"])
+    rows = []
+    with tempfile.TemporaryDirectory(dir=os.getcwd()) as tmp:  # the working directory's disk, as a run's store
+        stores = {"memory": ClientStateStore(("control",), clients, d),
+                  "file": ClientStateStore(("control",), clients, d, os.path.join(tmp, "state"))}
+        rng = np.random.default_rng(0)
+        for k in (10, 100):
+            update_rows = (rng.standard_normal((k, d)) * 1e-3).astype(np.float32)
+            records = np.zeros((k, len(RECORD_FIELDS)))
+            records[:, RECORD["steps"]] = 10
+            servers = {kind: ScaffoldServer(cfg, d, np.ones(clients), store) for kind, store in stores.items()}
+            round_index = [0]
+
+            def one_round(kind: str, k: int = k, update_rows=update_rows, records=records, servers=servers) -> None:
+                cohort = np.sort(np.random.default_rng(round_index[0]).choice(clients, k, replace=False))
+                servers[kind].downlink(cohort)
+                servers[kind].after_round(Updates(cohort, records, [k], rows=update_rows), round_index[0])
+                if kind == "file":
+                    round_index[0] += 1
+
+            times = alternate({kind: (lambda kind=kind: one_round(kind)) for kind in ("memory", "file")},
+                              3 if quick else 9)
+            rows.append(_row("state", f"rank 0 state work per round, {clients} clients x d {d}, cohort {k}",
+                             times["file"], times["memory"], "s", times["file"] / times["memory"], "<= 2x",
+                             times["file"] <= 2 * times["memory"], "file store / memory store"))
+        store = stores["file"]
+        store.last_round[:] = 0  # every client has state
+        layout = [{"name": "w", "shape": [d], "offset": 0, "numel": d}]
+        writer = ResultsWriter(os.path.join(tmp, "c.h5"), config_yaml="", world_size=1, seed=0, layout=layout,
+                               clients=store)
+        weights = np.zeros(d, dtype=np.float32)
+        start = time.perf_counter()
+        writer.checkpoint(0, weights, {})  # a slot's first write: every client's row
+        full = time.perf_counter() - start
+        writer.checkpoint(0, weights, {})  # the other slot
+        for cid in np.sort(rng.choice(clients, 10, replace=False)):  # a round of cohort 10
+            store.write("control", int(cid), store.row("control", int(cid)) + 1, 1)
+        start = time.perf_counter()
+        writer.checkpoint(1, weights, {})
+        incremental = time.perf_counter() - start
+        writer.close()
+        rows.append(_row("state", f"checkpoint after a round of cohort 10, {clients} clients x d {d}", incremental, full,
+                         "s", incremental / full, "-", None,
+                         f"the 10 changed rows, against every row ({clients * d * 4 / 2**20:.0f} MiB)"))
+        for store in stores.values():
+            store.close()
+        if not quick:
+            common = ["--set", "data.name=synthetic", "--set", "clients.total=1000", "--set", "clients.per_round=1000",
+                      "--set", "model.hidden=[1000,40]", "--set", "data.synthetic.min_samples=10",
+                      "--set", "data.synthetic.max_samples=20", "--set", "rounds=2", "--set", "train.batch_size=20",
+                      "--set", "eval.every=2", "--set", "algorithm.name=scaffold"]
+            state = 1000 * 101_450 * 4
+            for kind in ("memory", "file"):
+                _, total, records = _probe_run(3, [*common, "--set", f"algorithm.state_store={kind}",
+                                                   "--out", f"{kind}.h5"], tmp)
+                peak = records[0]["maxrss"]
+                rows.append(_row("state", f"rank 0 peak RSS, SCAFFOLD, 1000 clients all sampled, d 101450, {kind} store",
+                                 peak / 2**20, state / 2**20, "MiB", peak / state, "-", None,
+                                 f"run took {total:.1f} s; the state is {state / 2**20:.0f} MiB, rows as much again"))
     return rows
 
 
@@ -865,7 +942,7 @@ def bench_accounting(quick: bool = False) -> list[dict]:
 
 SECTIONS = {"e2e": bench_e2e, "comm": bench_comm, "aggregation": bench_aggregation, "dp": bench_dp,
             "startup": bench_startup, "memory": bench_memory, "sweep": bench_sweep, "sharded": bench_sharded,
-            "accounting": bench_accounting}
+            "state": bench_state, "accounting": bench_accounting}
 
 
 def _fmt(value) -> str:

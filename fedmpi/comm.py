@@ -94,6 +94,10 @@ class SingleProcess:
         if out is not None and out is not local and len(local):
             out[: len(local)] = local
 
+    def scatter_rows(self, rows: np.ndarray | None, out: np.ndarray, counts: Sequence[int]) -> None:
+        if rows is not None and rows is not out and len(out):
+            out[...] = rows[: len(out)]
+
     def allgather(self, obj: Any) -> list:
         return [obj]
 
@@ -197,15 +201,26 @@ class MPIComm:
         rank by rank; ``counts[r]`` is rank r's number of rows."""
         width = local.shape[1] if local.ndim == 2 else out.shape[1]
         row = self._row_type(local.dtype, width)
+        recv = [out, self._layout(counts), row] if self.rank == 0 else None
+        self.comm.Gatherv([local, len(local), row], recv, root=0)
+
+    def scatter_rows(self, rows: np.ndarray | None, out: np.ndarray, counts: Sequence[int]) -> None:
+        """Scatterv rank 0's (K, d) ``rows`` into every rank's ``out`` (counts[r], d), rank
+        by rank: the mirror of :meth:`gather_rows`."""
+        row = self._row_type(out.dtype, out.shape[1])
+        send = [rows, self._layout(counts), row] if self.rank == 0 else None
+        self.comm.Scatterv(send, [out, len(out), row], root=0)
+
+    def _layout(self, counts: Sequence[int]) -> tuple[list, list]:
+        """(counts, displacements) in rows, reused every round with the same cohort split."""
         key = tuple(counts)
         layout = self._layouts.get(key)
-        if layout is None:  # reused every round with the same cohort split
+        if layout is None:
             displs = [0]
             for c in key[:-1]:
                 displs.append(displs[-1] + c)
             layout = self._layouts[key] = (list(key), displs)
-        recv = [out, layout, row] if self.rank == 0 else None
-        self.comm.Gatherv([local, len(local), row], recv, root=0)
+        return layout
 
     def allgather(self, obj: Any) -> list:
         return self.comm.allgather(obj)
@@ -390,6 +405,11 @@ class RunComm(MPIComm):
             displs.append(displs[-1] + c)
         recv = [out, (list(counts), displs), row] if self.rank == 0 else None
         self._wait(self.comm.Igatherv([local, len(local), row], recv, root=0), idle=False)
+
+    def scatter_rows(self, rows: np.ndarray | None, out: np.ndarray, counts: Sequence[int]) -> None:
+        row = self._row_type(out.dtype, out.shape[1])
+        send = [rows, self._layout(counts), row] if self.rank == 0 else None
+        self._wait(self.comm.Iscatterv(send, [out, len(out), row], root=0), idle=False)
 
     def allgather(self, obj: Any) -> list:
         self.barrier_idle()

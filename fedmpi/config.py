@@ -7,18 +7,18 @@ run can use:
 2. build the typed, immutable config (unknown keys, wrong types and names not
    in a registry are refused here);
 3. :func:`resolve` fills the defaults that depend on other keys (``server.lr``,
-   ``data.normalize``, ``data.dir``, ``aggregator.f``) in one step and returns a
-   new config;
+   ``data.normalize``, ``data.dir``, ``aggregator.f``, ``devices.partial_work``)
+   in one step and returns a new config;
 4. :func:`validate` checks what types alone cannot, without changing anything.
 
 What each name may be and which keys it reads come from the registries
 (:data:`fedmpi.data.DATASETS`, :data:`fedmpi.architectures.ARCHITECTURES`,
 :data:`fedmpi.aggregation.RULES` and ``PRE_STEPS``, :data:`fedmpi.attacks.ATTACKS`,
-:data:`fedmpi.optimizers.OPTIMIZERS`): a key that only another entry reads, set
-to anything but its default, is refused with the entries that use it. A name
-that is an import path (``"package.module:attribute"``) is user code: step 2
-imports it and checks it against its contract, step 4 binds its ``params``
-(:mod:`fedmpi.extensions`).
+:data:`fedmpi.optimizers.OPTIMIZERS`, :data:`fedmpi.algorithms.ALGORITHMS`): a key
+that only another entry reads, set to anything but its default, is refused with
+the entries that use it. A name that is an import path
+(``"package.module:attribute"``) is user code: step 2 imports it and checks it
+against its contract, step 4 binds its ``params`` (:mod:`fedmpi.extensions`).
 
 Data-dependent checks (files, the model against the data, memory, device) are
 :mod:`fedmpi.preflight`'s.
@@ -34,6 +34,7 @@ from typing import Any
 
 from . import extensions
 from .aggregation import PRE_STEPS, RULES, unmet_requirement
+from .algorithms import ALGORITHMS
 from .architectures import ARCHITECTURES
 from .attacks import ATTACKS
 from .data import DATASETS
@@ -55,12 +56,13 @@ __all__ = ["Config", "ConfigError", "apply_override", "build", "flatten", "from_
            "num_byzantine", "read_file", "resolve", "validate"]
 
 # the key naming an entry -> (its registry, the kind of user code it may name instead)
-REGISTRIES: dict[str, tuple[Mapping, str]] = {
+REGISTRIES: dict[str, tuple[Mapping, str | None]] = {
     "data.name": (DATASETS, "dataset"),
     "model.name": (ARCHITECTURES, "model"),
     "server.optimizer": (OPTIMIZERS, "optimizer"),
     "aggregator.name": (RULES, "rule"),
     "attack.name": (ATTACKS, "attack"),
+    "algorithm.name": (ALGORITHMS, None),  # built-in only
 }
 
 
@@ -111,8 +113,11 @@ def _get(cfg: Any, key: str) -> Any:
     return cfg
 
 
-def _check_name(key: str, name: str, registry: Mapping, kind: str) -> None:
-    """A built-in name, or user code (imported and checked against its contract)."""
+def _check_name(key: str, name: str, registry: Mapping, kind: str | None) -> None:
+    """A built-in name, or user code (imported and checked against its contract) where
+    the key takes user code of ``kind`` (None: built-in names only)."""
+    if kind is None and name not in registry:
+        raise ConfigError(key, name, "must be one of " + ", ".join(registry))
     if is_path(name):
         extensions.load(kind, name, key)
     elif name not in registry:
@@ -143,10 +148,13 @@ def resolve(cfg: Config) -> Config:
     if g.f is None:
         byz, c = num_byzantine(cfg) if _attack_counts_known(cfg) else 0, cfg.clients
         aggregator = dataclasses.replace(g, f=math.ceil(c.per_round * byz / c.total) if byz else 0)
+    devices = cfg.devices
+    if devices.partial_work is None:
+        devices = dataclasses.replace(devices, partial_work=ALGORITHMS[cfg.algorithm.name].partial_work)
     audit, canaries = cfg.audit, cfg.audit.canaries
     if canaries.count > 0 and canaries.k is None:
         audit = dataclasses.replace(audit, canaries=dataclasses.replace(canaries, k=max(1, canaries.count // 10)))
-    return dataclasses.replace(cfg, data=data, server=server, aggregator=aggregator, audit=audit)
+    return dataclasses.replace(cfg, data=data, server=server, aggregator=aggregator, devices=devices, audit=audit)
 
 
 def _attack_counts_known(cfg: Config) -> bool:
@@ -241,6 +249,9 @@ def validate(cfg: Config) -> None:
         _require(not reasons, "transport", "reduce", "workers pre-sum FedAvg updates, but " + "; ".join(reasons)
                  + " (use transport: gather)")
     _validate_sharded(cfg)
+
+    _validate_algorithm(cfg)
+    _validate_devices(cfg)
 
     _at_least("eval.every", cfg.eval.every, 1)
     _at_least("eval.batch_size", cfg.eval.batch_size, 1)
@@ -406,3 +417,40 @@ def _validate_audit(cfg: Config) -> None:
                  f"(privacy.mode is {p.mode}); DP-SGD is audited by audit.canaries")
         _require(cfg.transport == "gather", "audit.client_canaries.count", c.count,
                  "rank 0 inserts the canary clients' rows: needs transport = gather")
+
+
+def _validate_algorithm(cfg: Config) -> None:
+    a = cfg.algorithm
+    _at_least("algorithm.mu", a.mu, 0)
+    if a.state_dir is not None:
+        _require(a.state_dir.strip() != "", "algorithm.state_dir", a.state_dir, "must not be empty")
+    _only_used_by(a, "algorithm.", a.name, ALGORITHMS, "algorithm.name")
+    if not ALGORITHMS[a.name].client_state:
+        return
+    reasons = []
+    if cfg.aggregator.name != "fedavg" or cfg.aggregator.pre:
+        reasons.append(f"its server control variate averages every client's change, which only aggregator.name = fedavg "
+                       f"without pre-aggregation matches (aggregator.name is {cfg.aggregator.name})")
+    if cfg.transport in ("reduce", "sharded"):
+        reasons.append(f"rank 0 derives each client's control variate from its update row, which transport: "
+                       f"{cfg.transport} never gathers (use transport: gather)")
+    if cfg.privacy.mode in ("client_central", "client_local"):
+        reasons.append(f"privacy.mode = {cfg.privacy.mode} clips and noises the model update only, while the control "
+                       "variates would reach the server unprotected (use privacy.mode: sample)")
+    _require(not reasons, "algorithm.name", a.name, "; ".join(reasons))
+
+
+def _validate_devices(cfg: Config) -> None:
+    d = cfg.devices
+    if cfg.transport == "sharded":
+        for key, value in (("dropout", d.dropout), ("deadline", d.deadline)):
+            _require(not value, f"devices.{key}", value, "drops updates from the round, which transport: sharded (every "
+                     "rank aggregates its columns of the whole cohort) does not support; use transport: gather or reduce")
+    _require(0 <= d.stragglers <= 1, "devices.stragglers", d.stragglers, "must be in [0, 1]")
+    _unit_interval("devices.dropout", d.dropout)
+    _at_least("devices.speed_sigma", d.speed_sigma, 0)
+    if d.deadline is not None:
+        _positive("devices.deadline", d.deadline)
+    elif d.speed_sigma:
+        raise ConfigError("devices.speed_sigma", d.speed_sigma, "only used with devices.deadline (speeds decide who "
+                          "misses it)")

@@ -215,7 +215,8 @@ class GroupRunner:
         error, aborted, status = None, False, EXIT_OK
         try:
             status = run_experiment(run_cfg, comm, prepared.data, config_yaml=prepared.cfg.to_yaml(), quiet=True,
-                                    resume_path=args.resume, rank_hosts=hosts, stop=self.stop)
+                                    resume_path=args.resume, rank_hosts=hosts, stop=self.stop,
+                                    state_store=prepared.state_store)
         except PeerFailed:
             aborted = True
         except Exception as exc:  # noqa: BLE001 - one run's failure: recorded, and the group moves on

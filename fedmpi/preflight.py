@@ -5,8 +5,10 @@ path (rank 0), the data files, the device, then the data themselves, the model
 against the data (a user model is built and tried on a probe batch), what the
 attack needs of the data, the user code of :mod:`fedmpi.extensions` (rank 0
 tries rules, steps, attack hooks and optimizers on probe inputs), and rank 0's
-memory budget. Each problem is one :class:`fedmpi.schema.ConfigError` line
-(exit status 2, no results file).
+memory budget, which decides where the clients' state lives (memory, or a file
+when it does not fit; refused when the disk cannot hold it either). Each
+problem is one :class:`fedmpi.schema.ConfigError` line (exit status 2, no
+results file).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from __future__ import annotations
 import math
 import os
 import resource
+import shutil
 
 import numpy as np
 
 from . import attacks, extensions, seeding
 from . import data as data_mod
+from .algorithms import ALGORITHMS, client_state_bytes, state_path
 from .architectures import ARCHITECTURES, count_params
 from .data import FederatedData
 from .extensions import ExtensionFailed, is_path, one_line
@@ -29,11 +33,13 @@ from .system import available_memory
 PROBE_WIDTH = 6  # parameters of the probe rows that user code on rank 0 is tried on
 
 
-def preflight(cfg: Config, rank: int, new_file: bool = True, ranks: int = 1, local_ranks: int = 1) -> FederatedData:
+def preflight(cfg: Config, rank: int, new_file: bool = True, ranks: int = 1,
+              local_ranks: int = 1) -> tuple[FederatedData, str | None]:
     """Check ``cfg`` against the world and load this rank's data (training data on
     every rank, the test set on rank 0). ``new_file``: the run creates its results
     file (not a resume). ``ranks``: the world size; ``local_ranks``: ranks on this
-    node (they share its memory)."""
+    node (they share its memory). Returns the data and, on rank 0 of a run whose
+    algorithm keeps client state, where that state lives (``memory`` or ``file``)."""
     if rank == 0 and new_file:
         check_output_path(cfg)
     dataset = extensions.dataset(cfg.data.name)
@@ -43,11 +49,12 @@ def preflight(cfg: Config, rank: int, new_file: bool = True, ranks: int = 1, loc
     num_params = check_model(cfg, data)
     check_canaries(cfg, num_params)
     check_attack(cfg, data)
+    store = None
     if rank == 0:
         probe_server_code(cfg, data, num_params)
     if rank == 0 or cfg.transport == "sharded":
-        check_memory(cfg, data, rank, ranks, local_ranks, num_params)
-    return data
+        store = check_memory(cfg, data, rank, ranks, local_ranks, num_params)
+    return data, store
 
 
 def check_output_path(cfg: Config) -> None:
@@ -302,7 +309,8 @@ def server_memory(cfg: Config, data: FederatedData, num_params: int | None = Non
     k = _cohort_bound(cfg)
     canaries = cfg.audit.client_canaries.count  # canary clients' rows (at most all of them) and their directions
     rows = 0 if cfg.transport == "reduce" else (k + canaries) * d * 4
-    return rows, 8 * d * 8 + canaries * d * 4 + _rule_memory(cfg, k + canaries, d), d
+    slot_rows = k * d * 4 if ALGORITHMS[cfg.algorithm.name].client_state else 0  # the per-slot rows sent (SCAFFOLD's c - c_i)
+    return rows, 8 * d * 8 + canaries * d * 4 + _rule_memory(cfg, k + canaries, d) + slot_rows, d
 
 
 def _rule_memory(cfg: Config, k: int, width: int) -> int:
@@ -342,11 +350,12 @@ def sharded_memory(cfg: Config, d: int, rank: int, ranks: int) -> tuple[int, int
 
 
 def check_memory(cfg: Config, data: FederatedData, rank: int = 0, ranks: int = 1, local_ranks: int = 1,
-                 num_params: int | None = None) -> None:
+                 num_params: int | None = None) -> str | None:
     """Refuse, before any work, a run whose rows would not fit the budget: rank 0's with
     ``transport: gather`` or ``reduce``; every rank's with ``transport: sharded``, where
     each holds its blocks' columns (the node's available memory is shared among the
-    ranks on it unless ``memory_limit_gb`` gives each rank's budget)."""
+    ranks on it unless ``memory_limit_gb`` gives each rank's budget). Rank 0: decide
+    where the clients' state lives (None: the algorithm keeps none)."""
     resident = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     sharded = cfg.transport == "sharded"
     d = num_params if num_params is not None else count_params(cfg.model, data.input_shape, data.num_classes)
@@ -367,17 +376,65 @@ def check_memory(cfg: Config, data: FederatedData, rank: int = 0, ranks: int = 1
                           f"rank 0 would need about {_gib(need)} with the canary clients' directions and rows "
                           f"({d} parameters x 4 bytes each), over its budget of {_gib(budget)} ({what}); use fewer "
                           "canary clients or raise memory_limit_gb")
-    if need <= budget:
-        return
-    if sharded:
-        width = BlockLayout(d, cfg.shard_block, ranks).width(rank)
+    if need > budget:
+        if sharded:
+            width = BlockLayout(d, cfg.shard_block, ranks).width(rank)
+            raise ConfigError("clients.per_round", cfg.clients.per_round,
+                              f"rank {rank} of {ranks} would need about {_gib(need)}: {_gib(rows)} of update columns (cohort x "
+                              f"its {width} of the {d} parameters x 4 bytes), {_gib(training)} of the rows it trains, plus "
+                              f"{_gib(need - rows - training)} of working memory, over its budget of {_gib(budget)} ({what}); "
+                              "lower clients.per_round, use more ranks (on more nodes), or raise memory_limit_gb")
         raise ConfigError("clients.per_round", cfg.clients.per_round,
-                          f"rank {rank} of {ranks} would need about {_gib(need)}: {_gib(rows)} of update columns (cohort x "
-                          f"its {width} of the {d} parameters x 4 bytes), {_gib(training)} of the rows it trains, plus "
-                          f"{_gib(need - rows - training)} of working memory, over its budget of {_gib(budget)} ({what}); "
-                          "lower clients.per_round, use more ranks (on more nodes), or raise memory_limit_gb")
-    raise ConfigError("clients.per_round", cfg.clients.per_round,
-                      f"rank 0 would need about {_gib(need)}: {_gib(rows)} of update rows (cohort x {d} parameters "
-                      f"x 4 bytes) plus {_gib(need - rows)} of working memory, over its budget of {_gib(budget)} "
-                      f"({what}); lower clients.per_round, use transport: reduce (FedAvg) or sharded, or raise "
-                      "memory_limit_gb")
+                          f"rank 0 would need about {_gib(need)}: {_gib(rows)} of update rows (cohort x {d} parameters "
+                          f"x 4 bytes) plus {_gib(need - rows)} of working memory, over its budget of {_gib(budget)} "
+                          f"({what}); lower clients.per_round, use transport: reduce (FedAvg) or sharded, or raise "
+                          "memory_limit_gb")
+    state = client_state_bytes(cfg, d) if rank == 0 else 0
+    if not state:
+        return None
+    return place_client_state(cfg, d, state, budget - need, f"{_gib(budget)}, {what}")
+
+
+def _free_bytes(directory: str) -> tuple[int, int]:
+    """(free bytes, device id) of the file system holding ``directory`` (or its nearest existing parent)."""
+    while directory and not os.path.isdir(directory):
+        directory = os.path.dirname(directory)
+    directory = directory or "."
+    return shutil.disk_usage(directory).free, os.stat(directory).st_dev
+
+
+def place_client_state(cfg: Config, d: int, state: int, memory_left: int, budget_text: str) -> str:
+    """``memory`` or ``file`` for ``state`` bytes of client state, given what is left of rank
+    0's memory budget; a ConfigError when neither memory nor disk can hold it. The
+    results file holds two checkpoint copies of the state (its two slots) at worst."""
+    a = cfg.algorithm
+    results_dir = os.path.dirname(os.path.abspath(cfg.output.path))
+    results_free, results_dev = _free_bytes(results_dir)
+    store_dir = os.path.dirname(state_path(cfg))
+    store_free, store_dev = _free_bytes(store_dir)
+    checkpoint_ok = results_free >= 2 * state
+    if store_dev == results_dev:
+        file_ok = results_free >= 3 * state
+    else:
+        file_ok = checkpoint_ok and store_free >= state
+    fits_memory = state <= memory_left
+    size = (f"algorithm.name = {a.name} keeps {len(ALGORITHMS[a.name].client_state)} row(s) of {d} parameters per client: "
+            f"{cfg.clients.total} clients x {d} x 4 bytes = {_gib(state)}")
+    if a.state_store == "memory" and not fits_memory:
+        raise ConfigError("algorithm.state_store", "memory", f"{size}, over the {_gib(max(memory_left, 0))} left of rank "
+                          f"0's memory budget ({budget_text}); use auto or file (a file-backed store)")
+    if a.state_store == "memory" or (a.state_store == "auto" and fits_memory):
+        if not checkpoint_ok:
+            raise ConfigError("clients.total", cfg.clients.total, f"{size}; its checkpoint copies need up to "
+                              f"{_gib(2 * state)} in {results_dir}, which has {_gib(results_free)} free")
+        return "memory"
+    if not file_ok:
+        where = (f"{_gib(results_free)} free in {results_dir}, which needs {_gib(3 * state)} for the store and the two "
+                 "checkpoint copies in the results file" if store_dev == results_dev else
+                 f"{_gib(store_free)} free in {store_dir} for the store, {_gib(results_free)} in {results_dir} for the "
+                 f"two checkpoint copies ({_gib(2 * state)})")
+        fits = ("does not fit on the disk" if a.state_store == "file" else
+                f"fits neither rank 0's memory ({_gib(max(memory_left, 0))} left of {budget_text}) nor the disk")
+        raise ConfigError("clients.total", cfg.clients.total, f"{size}, which {fits} ({where}); lower "
+                          "clients.total or the model size, or set algorithm.state_dir to a larger disk")
+    return "file"

@@ -7,6 +7,7 @@ One round, message by message::
     header (ROUND, round, cohort size)  --Ibcast-->  waited for asleep; STOP ends the worker
     cohort client ids (int64)           --Bcast-->
     global weights (flat float32)       --Bcast-->
+    SCAFFOLD: c - c_i per slot (K, d)   --Scatterv->  my slots' rows only
                                                      train my contiguous block of slots
                                                      (slot_counts), in slot order
     Ibarrier, waited for asleep         <-------->   (every worker done training)
@@ -19,6 +20,9 @@ One round, message by message::
             (then every rank checks and aggregates its blocks, fedmpi.sharded.round;
             rank 0 gathers the new weights' columns; STATE / LOAD headers move the
             sharded server state for checkpoints)
+
+Only algorithms that keep client state (SCAFFOLD) send the per-slot rows; the
+state itself stays on rank 0 (:mod:`fedmpi.client_state`).
 
 A STOP header carries the exit status every rank then ends with (the end of the
 run, a checkpoint after a signal, or divergence). Which slots a
@@ -52,8 +56,9 @@ CMD_STATE, CMD_LOAD = 2, 3  # transport: sharded: gather / scatter one part of t
 
 # One float64 row per cohort slot, sent by the rank that trained it. update_norm and
 # finite (1.0 / 0.0) are the worker's check of the row, filled for transport: reduce only
-# (rank 0 checks gathered rows itself).
-RECORD_FIELDS = ("num_samples", "train_loss", "steps", "train_s", "clipped_fraction", "update_norm", "finite")
+# (rank 0 checks gathered rows itself); dropped: why the update did not arrive
+# (fedmpi.devices; 0: it did).
+RECORD_FIELDS = ("num_samples", "train_loss", "steps", "train_s", "clipped_fraction", "update_norm", "finite", "dropped")
 RECORD = {name: i for i, name in enumerate(RECORD_FIELDS)}
 
 
@@ -68,8 +73,9 @@ def slot_counts(cohort_size: int, world_size: int) -> list[int]:
 
 def weighted_total(rows: np.ndarray, records: np.ndarray) -> np.ndarray:
     """transport: reduce: sum_i n_i * update_i over one rank's slots whose row is finite
-    (``records``' finite flag), float64 (d,). A non-finite row never enters the sum."""
-    keep = records[:, RECORD["finite"]] > 0
+    (``records``' finite flag) and was not dropped (:mod:`fedmpi.devices`), float64
+    (d,). A non-finite row never enters the sum."""
+    keep = (records[:, RECORD["finite"]] > 0) & (records[:, RECORD["dropped"]] == 0)
     if not keep.any():
         return np.zeros(rows.shape[1])
     if not keep.all():
@@ -89,6 +95,7 @@ class RoundOrder:
     counts: list | None = None
     command: int = CMD_ROUND  # CMD_STATE / CMD_LOAD (transport: sharded), with ``part``
     part: int = 0
+    corrections: np.ndarray | None = None  # this rank's per-slot rows (SCAFFOLD), or None
 
 
 class RoundMessages:
@@ -96,10 +103,12 @@ class RoundMessages:
     :mod:`fedmpi.comm`), for a model of ``size`` parameters. ``reduce``: workers
     send the pre-summed weighted total instead of their rows. ``layout`` (a
     :class:`fedmpi.sharded.layout.BlockLayout`, ``transport: sharded``): the rows
-    end as column blocks on every rank."""
+    end as column blocks on every rank. ``per_slot``: rank 0 sends each slot a row
+    of ``size`` float32 values with the round (SCAFFOLD)."""
 
-    def __init__(self, comm, size: int, reduce: bool, layout=None):
-        self.comm, self.size, self.reduce, self.layout = comm, size, reduce, layout
+    def __init__(self, comm, size: int, reduce: bool, layout=None, per_slot: bool = False):
+        self.comm, self.size, self.reduce, self.layout, self.per_slot = comm, size, reduce, layout, per_slot
+        self.slot_rows = np.empty((0, size), dtype=np.float32)  # a worker's received per-slot rows
         self.header = np.zeros(3, dtype=np.int64)
         self.weights = np.empty(size, dtype=np.float32)  # a worker's copy of the global weights
         self.no_rows = np.empty((0, size), dtype=np.float32)
@@ -107,12 +116,15 @@ class RoundMessages:
 
     # ---- rank 0 -> workers
 
-    def send_round(self, round_index: int, cohort: np.ndarray, weights: np.ndarray) -> None:
-        """Rank 0: the header, the cohort and the global weights."""
+    def send_round(self, round_index: int, cohort: np.ndarray, weights: np.ndarray,
+                   slot_rows: np.ndarray | None = None) -> None:
+        """Rank 0: the header, the cohort, the global weights (and each slot's row)."""
         self.header[:] = (CMD_ROUND, round_index, len(cohort))
         self.comm.bcast_idle(self.header)
         self.comm.bcast(cohort)
         self.comm.bcast(weights)
+        if self.per_slot:
+            self.comm.scatter_rows(slot_rows, self.no_rows, slot_counts(len(cohort), self.comm.size))
 
     def send_stop(self, status: int) -> None:
         """Rank 0: every worker stops and exits with ``status``."""
@@ -135,8 +147,16 @@ class RoundMessages:
         cohort = np.empty(cohort_size, dtype=np.int64)
         self.comm.bcast(cohort)
         self.comm.bcast(self.weights)
-        return RoundOrder(False, round_index=round_index, cohort=cohort, weights=self.weights,
-                          counts=slot_counts(cohort_size, self.comm.size))
+        counts = slot_counts(cohort_size, self.comm.size)
+        corrections = None
+        if self.per_slot:
+            mine = counts[self.comm.rank]
+            if self.slot_rows.shape[0] != mine:
+                self.slot_rows = np.empty((mine, self.size), dtype=np.float32)
+            self.comm.scatter_rows(None, self.slot_rows, counts)
+            corrections = self.slot_rows
+        return RoundOrder(False, round_index=round_index, cohort=cohort, weights=self.weights, counts=counts,
+                          corrections=corrections)
 
     # ---- workers -> rank 0
 

@@ -63,6 +63,8 @@ CLIENT_FIELDS = {
     "score": ("f8", "the aggregator's score for the slot (Krum score, kept fraction, weight...); NaN where the rule has none"),
     "clipped_fraction": ("f8", "DP: share of this client's per-example gradients clipped (sample), or 1/0 for its update"),
     "finite": ("bool", "every value of the update was finite; if not, it was excluded (selected false, score +inf)"),
+    "dropped": ("i1", "0: the update reached the aggregator; why it did not: 1 dropped out, 2 missed the deadline, "
+                      "3 partial work discarded"),
 }
 
 
@@ -113,11 +115,13 @@ class ResultsWriter:
     def __init__(self, path: str, *, config_yaml: str, world_size: int, seed: int, layout: list,
                  overwrite: bool = False, snapshot_every: int = 0, attrs: dict | None = None,
                  state_spec: dict | None = None, history: dict | None = None,
-                 extra: dict[str, DatasetSpec] | None = None):
+                 extra: dict[str, DatasetSpec] | None = None, clients=None):
         """``state_spec``: {name: (shape, dtype)} of the server state a checkpoint holds.
         ``history``: rows of an earlier session to copy in (resume), as returned by
         :func:`read_checkpoint`. ``extra``: {path: DatasetSpec} of datasets beyond the
-        fixed schema, created now (filled with NaN where the dtype allows)."""
+        fixed schema, created now (filled with NaN where the dtype allows). ``clients``:
+        the clients' state (a :class:`fedmpi.client_state.ClientStateStore`), which every
+        checkpoint then holds too."""
         import h5py
 
         parent = os.path.dirname(os.path.abspath(path))
@@ -159,6 +163,10 @@ class ResultsWriter:
             f.create_dataset(f"checkpoint/slot{slot}/weights", shape=(size,), dtype="f4")
             for name, (shape, dtype) in self.state_spec.items():
                 f.create_dataset(f"checkpoint/slot{slot}/{name}", shape=shape, dtype=dtype)
+        self.clients = clients
+        if clients is not None:
+            for slot in (0, 1):
+                self._create_client_state(f.create_group(f"checkpoint/slot{slot}/clients"), clients)
         f.create_dataset("checkpoint/current", data=np.array([-1, -1], dtype=np.int64))
         f["checkpoint"].attrs["description"] = "current = [slot, round]: slot<k> holds the state after that round"
         for name, spec in (extra or {}).items():
@@ -185,6 +193,33 @@ class ResultsWriter:
             round_index, weights, state = history["checkpoint"]
             self.checkpoint(round_index, weights, state)
 
+    @staticmethod
+    def _create_client_state(group, clients) -> None:
+        """Per slot: every client's rows, chunked by client so that rows never written take
+        no space; ``last_round`` per client; ``round``: the round the rows hold (-1: none
+        yet, -2: being written)."""
+        total, size = clients.last_round.shape[0], clients.size
+        per_chunk = max(1, min(total, (1 << 18) // max(1, 4 * size)))
+        for name in clients.arrays:
+            group.create_dataset(name, shape=(total, size), dtype="f4", chunks=(per_chunk, size))
+        group.create_dataset("last_round", shape=(total,), dtype="i8", fillvalue=-1)
+        group.create_dataset("round", data=np.int64(-1))
+
+    def _write_client_state(self, group, round_index: int) -> None:
+        """Write the rows that changed since this slot was last written (all rows ever
+        written when the slot is empty or was left half-written)."""
+        store = self.clients
+        held = group["round"]
+        since = int(held[()])
+        held[()] = -2
+        self.f.flush()
+        ids = store.changed_since(since)
+        for name, array in store.arrays.items():
+            for block in store.blocks(ids):
+                group[name][block] = array[block]
+        group["last_round"][:] = store.last_round
+        held[()] = round_index
+
     def checkpoint(self, round_index: int, weights: np.ndarray, state: dict) -> None:
         """Store what a resume needs after ``round_index``, crash-safe: the idle slot
         is written and flushed before /checkpoint/current points at it."""
@@ -194,6 +229,8 @@ class ResultsWriter:
         group["weights"][:] = weights
         for name in self.state_spec:
             group[name][...] = state[name]
+        if self.clients is not None:
+            self._write_client_state(group["clients"], round_index)
         self.f.flush()
         current[:] = np.array([slot, round_index], dtype=np.int64)
         self.f.flush()
@@ -284,13 +321,14 @@ def read_checkpoint(path: str) -> dict:
             history["snapshots"] = f["model/snapshots"][: int(keep.sum())]
         if round_index >= 0:
             group = f[f"checkpoint/slot{slot}"]
-            state = {}
-            group.visititems(lambda name, obj: state.__setitem__(name, obj[()]) if hasattr(obj, "shape") else None)
+            state = {}  # the clients' state (slot<k>/clients) can be large: ServerLoop.load_client_state reads it
+            group.visititems(lambda name, obj: state.__setitem__(name, obj[()])
+                             if hasattr(obj, "shape") and not name.startswith("clients/") else None)
             weights = state.pop("weights")
             history["checkpoint"] = (round_index, weights, state)
         f["run/finished"].refresh()
         return {"config": f.attrs["config"], "attrs": dict(f.attrs), "finished": bool(f["run/finished"][()]),
-                "round": round_index, "history": history}
+                "round": round_index, "slot": slot, "history": history}
 
 
 class ResultsError(ValueError):

@@ -67,6 +67,28 @@ class Updates:
         """Indices of the slots whose update is finite, in slot order."""
         return np.arange(len(self.cohort)) if self.finite is None else np.flatnonzero(self.finite)
 
+    @property
+    def dropped(self) -> np.ndarray:
+        """Per slot: the update never reached the server (:mod:`fedmpi.devices`)."""
+        return self.record("dropped") != 0
+
+    def arrived(self) -> Updates:
+        """The slots whose update reached the server: ``self`` when none was dropped, else
+        a new Updates whose rows are ``self.rows`` moved up in place (``self.rows`` is
+        then no longer slot-aligned; rank 0 keeps one copy of the rows)."""
+        keep = np.flatnonzero(~self.dropped)
+        if len(keep) == len(self.cohort):
+            return self
+        rows = None
+        if self.rows is not None:
+            for j, i in enumerate(keep.tolist()):
+                if i != j:
+                    self.rows[j] = self.rows[i]
+            rows = self.rows[:len(keep)]
+        byzantine = self.byzantine[keep] if self.byzantine is not None else None
+        return Updates(self.cohort[keep], self.records[keep], self.counts, rows=rows, total=self.total,
+                       byzantine=byzantine, finite=self.finite[keep] if self.finite is not None else None)
+
 
 @dataclass
 class Aggregate:
@@ -85,6 +107,20 @@ class Aggregate:
     clipped: np.ndarray | None = None
     skipped: str | None = None
     norm: float | None = None
+
+    def for_slots(self, arrived: np.ndarray) -> Aggregate:
+        """The decision over the arrived slots spread back over every slot of the cohort
+        (``arrived``: (K,) bool); dropped slots are not selected and have no score."""
+        k = len(arrived)
+        selected = np.zeros(k, dtype=bool)
+        selected[arrived] = self.selected
+        scores = np.full(k, np.nan)
+        scores[arrived] = self.scores
+        clipped = None
+        if self.clipped is not None:
+            clipped = np.full(k, np.nan)
+            clipped[arrived] = self.clipped
+        return Aggregate(self.vector, selected, scores, clipped, skipped=self.skipped, norm=self.norm)
 
 
 def finite_rows(rows: np.ndarray, kept: np.ndarray) -> np.ndarray:

@@ -84,7 +84,8 @@ def resolve_resume(args: argparse.Namespace) -> tuple[Config, dict]:
     """The config of the run in ``--resume FILE`` (with the allowed changes), validated,
     and what the file says about the run (``run_info``).
 
-    Only ``rounds`` may differ from the stored config (and output settings);
+    Only ``rounds`` may differ from the stored config (and output settings, and where
+    the clients' state is kept: ``algorithm.state_store``, ``algorithm.state_dir``);
     ``--config`` and ``--set`` are compared against it, not applied over it."""
     path = args.resume
     if args.out or args.overwrite:
@@ -101,7 +102,8 @@ def resolve_resume(args: argparse.Namespace) -> tuple[Config, dict]:
     for assignment in args.set:
         config_mod.apply_override(wanted, assignment)
     cfg, reference = config_mod.from_mapping(wanted), config_mod.from_mapping(stored)
-    ours, theirs = _without(cfg.to_dict(), "rounds", "output"), _without(reference.to_dict(), "rounds", "output")
+    free = ("rounds", "output", "algorithm.state_store", "algorithm.state_dir")
+    ours, theirs = _without(cfg.to_dict(), *free), _without(reference.to_dict(), *free)
     changed = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
     if changed:
         key = changed[0]
@@ -155,15 +157,16 @@ def calibrate(cfg: Config, data, quiet: bool) -> float:
 
 def prepare_data(cfg: Config, rank: int, resume: dict | None, quiet: bool, ranks: int = 1,
                  local_ranks: int = 1) -> tuple:
-    """This rank's (data, calibrated noise multiplier or None): preflight, then on rank 0
-    the calibration to ``privacy.target_epsilon`` (taken from the file on resume).
+    """This rank's (data, calibrated noise multiplier or None, where rank 0 keeps the
+    clients' state): preflight, then on rank 0 the calibration to
+    ``privacy.target_epsilon`` (taken from the file on resume).
     ``ranks`` / ``local_ranks``: the run's ranks, and those on this node."""
-    data = preflight(cfg, rank, new_file=resume is None, ranks=ranks, local_ranks=local_ranks)
+    data, state_store = preflight(cfg, rank, new_file=resume is None, ranks=ranks, local_ranks=local_ranks)
     import torch  # noqa: F401 - every rank needs it; importing before MPI starts overlaps the ranks' imports
     calibrated = None
     if rank == 0 and cfg.privacy.target_epsilon is not None:
         calibrated = resume["attrs"]["dp_noise_multiplier"] if resume is not None else calibrate(cfg, data, quiet)
-    return data, calibrated
+    return data, calibrated, state_store
 
 
 @dataclass
@@ -177,6 +180,7 @@ class Prepared:
     data: object = None
     calibrated: float | None = None
     error: str | None = None
+    state_store: str | None = None  # rank 0: where the clients' state lives (preflight's memory check)
 
 
 def prepare(args: argparse.Namespace, rank: int, ranks: int | None = None, local_ranks: int | None = None) -> Prepared:
@@ -192,8 +196,8 @@ def prepare(args: argparse.Namespace, rank: int, ranks: int | None = None, local
             prepared.cfg = resolve(args)
         if args.print_config:
             return prepared
-        prepared.data, prepared.calibrated = prepare_data(prepared.cfg, rank, prepared.resume, args.quiet,
-                                                          ranks or launcher_size(), local_ranks or launcher_local_size())
+        prepared.data, prepared.calibrated, prepared.state_store = prepare_data(
+            prepared.cfg, rank, prepared.resume, args.quiet, ranks or launcher_size(), local_ranks or launcher_local_size())
     except ConfigError as exc:
         kind = "data error" if isinstance(exc, DataError) else "config error"
         prepared.error = f"{kind}: {exc}"
@@ -248,7 +252,7 @@ def main(argv: list | None = None) -> int:
 
     try:
         status = run_experiment(run_cfg, comm, prepared.data, config_yaml=cfg.to_yaml(), quiet=args.quiet,
-                                resume_path=args.resume, rank_hosts=rank_hosts)
+                                resume_path=args.resume, rank_hosts=rank_hosts, state_store=prepared.state_store)
     except ExtensionFailed as exc:  # rank 0 has told the workers to stop
         print(f"fedmpi: {exc}", file=sys.stderr, flush=True)
         comm.close()
@@ -304,17 +308,20 @@ def _run_attrs(cfg: Config, data, rank_hosts: list) -> dict:
 
 
 def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = False, resume_path: str | None = None,
-                   rank_hosts: list | None = None, stop: StopSignals | None = None) -> int:
+                   rank_hosts: list | None = None, stop: StopSignals | None = None,
+                   state_store: str | None = None) -> int:
     """This rank's part of one run of ``cfg`` (the noise multiplier already calibrated)
     over ``comm``; ``config_yaml``: the config as the user gave it, stored in the file;
     ``rank_hosts``: each rank's host name; ``stop``: the process's signal handlers when
-    it runs several experiments (else this run installs its own). Returns the exit
-    status rank 0 decided, the same on every rank: EXIT_OK, EXIT_CHECKPOINTED (a signal
-    stopped the run after a checkpoint), EXIT_DIVERGED, or EXIT_FAILED (rank 0 stopped
-    the workers because user code broke its contract; rank 0 itself then raises
-    :class:`ExtensionFailed`)."""
+    it runs several experiments (else this run installs its own); ``state_store``:
+    where rank 0 keeps the clients' state (as :func:`fedmpi.preflight.check_memory`
+    decided). Returns the exit status rank 0 decided, the same on every rank: EXIT_OK,
+    EXIT_CHECKPOINTED (a signal stopped the run after a checkpoint), EXIT_DIVERGED, or
+    EXIT_FAILED (rank 0 stopped the workers because user code broke its contract; rank
+    0 itself then raises :class:`ExtensionFailed`)."""
     import torch
 
+    from .algorithms import ALGORITHMS
     from .models import FlatModel, build_model, init_weights, layout
     from .protocol import RoundMessages
     from .sharded.layout import BlockLayout
@@ -340,8 +347,9 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
     weights = init_weights(module, cfg.seed).copy() if comm.rank == 0 else None
     model = FlatModel(module, choose_device(cfg, comm))
     reduce = cfg.transport == "reduce"
+    per_slot = bool(ALGORITHMS[cfg.algorithm.name].client_state)
     blocks = BlockLayout(model.size, cfg.shard_block, comm.size) if cfg.transport == "sharded" else None
-    messages = RoundMessages(comm, model.size, reduce, blocks) if comm.size > 1 else None
+    messages = RoundMessages(comm, model.size, reduce, blocks, per_slot) if comm.size > 1 else None
     if comm.rank != 0:
         # rank 0 decides when to stop (after a checkpoint) and tells the workers
         if stop is None:
@@ -358,13 +366,15 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
         clients = RemoteClients(messages)
     if blocks is not None:
         clients = ShardedClients(cfg, ShardContext(blocks, comm, messages), clients if comm.size == 1 else None)
-    loop = ServerLoop(cfg, clients, data, model, weights, writer=None, quiet=quiet)
+    loop = ServerLoop(cfg, clients, data, model, weights, writer=None, quiet=quiet, state_store=state_store)
     if stop is None:
         _on_stop_signals(lambda name: setattr(loop, "stop_signal", name))
     else:
         stop.loop, loop.stop_signal = loop, stop.name
     specs = [{"name": s.name, "shape": list(s.shape), "offset": s.offset, "numel": s.numel} for s in layout(module)]
     attrs = _run_attrs(cfg, data, rank_hosts or [socket.gethostname()])
+    if loop.client_state is not None:
+        attrs["client_state_store"] = loop.client_state.kind
     path, history, start_round = cfg.output.path, None, 0
     if resume_path:
         info = read_checkpoint(resume_path)
@@ -375,6 +385,7 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
             history = info["history"]
             round_index, saved_weights, state = history["checkpoint"]
             loop.load_state(saved_weights, state)
+            loop.load_client_state(resume_path, info["slot"])
             start_round = round_index + 1
         path = resume_path + ".resume-tmp"
         if not quiet:
@@ -382,7 +393,8 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
             print(f"resuming {resume_path} {where}", flush=True)
     writer = ResultsWriter(path, config_yaml=config_yaml, world_size=comm.size, seed=cfg.seed, layout=specs,
                            overwrite=cfg.output.overwrite or bool(resume_path), snapshot_every=cfg.output.snapshot_every,
-                           attrs=attrs, state_spec=loop.state_spec(), history=history, extra=loop.audit_specs())
+                           attrs=attrs, state_spec=loop.state_spec(), history=history, clients=loop.client_state,
+                           extra=loop.audit_specs())
     if resume_path:
         os.replace(path, resume_path)  # the old file stays whole until its copy is complete
         writer.path = resume_path
@@ -392,6 +404,8 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
         return loop.run(start_round)
     finally:
         writer.close()
+        if loop.client_state is not None:
+            loop.client_state.close()
         if stop is not None:
             stop.loop = None
 
@@ -469,10 +483,10 @@ def simulate(config: str | os.PathLike | Mapping | Config | None = None, *, over
         cfg = replace(cfg, "output.overwrite", True)
     if cfg.output.path is None:
         cfg = replace(cfg, "output.path", default_path())
-    data, calibrated = prepare_data(cfg, 0, None, quiet)
+    data, calibrated, state_store = prepare_data(cfg, 0, None, quiet)
     run_cfg = cfg if calibrated is None else replace(cfg, "privacy.noise_multiplier", float(calibrated))
     with _process_settings_restored():
-        run_experiment(run_cfg, SingleProcess(), data, config_yaml=cfg.to_yaml(), quiet=quiet)
+        run_experiment(run_cfg, SingleProcess(), data, config_yaml=cfg.to_yaml(), quiet=quiet, state_store=state_store)
     return load(cfg.output.path)
 
 

@@ -8,8 +8,8 @@ dataclass defaults *are* the embedded default experiment (digits, MLP
 no file at all.
 
 Names that select an entry of a registry (``data.name``, ``model.name``,
-``aggregator.name``, ``attack.name``, ``server.optimizer``, the
-pre-aggregation steps) are plain strings here; :mod:`fedmpi.config` checks
+``aggregator.name``, ``attack.name``, ``server.optimizer``, ``algorithm.name``,
+the pre-aggregation steps) are plain strings here; :mod:`fedmpi.config` checks
 them against the registries, which are the one place that lists them, or, for
 user code named by import path (``"module:attribute"``), against
 :mod:`fedmpi.extensions`. The ``params`` of those sections (any YAML values)
@@ -193,6 +193,28 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class AlgorithmConfig:
+    """The federated algorithm: what local training optimises and the state clients keep
+    between rounds (docs/algorithms.md)."""
+
+    name: str = "fedavg"  # an entry of fedmpi.algorithms.ALGORITHMS
+    mu: float = 0.01  # fedprox: weight of the proximal term mu/2 ||w - w_global||^2
+    state_store: Literal["auto", "memory", "file"] = "auto"  # scaffold: where rank 0 keeps the control variates
+    state_dir: str | None = None  # scaffold, file store: directory of the store file (default: the results file's)
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    """Heterogeneous devices: stragglers, dropouts and a deadline (docs/algorithms.md)."""
+
+    stragglers: float = 0.0  # share of each cohort doing less local work (FedProx's systems heterogeneity)
+    dropout: float = 0.0  # probability that a sampled client drops out of the round (sends nothing)
+    speed_sigma: float = 0.0  # client speed ~ lognormal(0, sigma) steps per time unit, drawn once per client
+    deadline: float | None = None  # time units; work past it is cut (partial_work: use) or the update dropped
+    partial_work: Literal["use", "drop"] | None = None  # null: the algorithm's own (fedavg: drop; fedprox, scaffold: use)
+
+
+@dataclass(frozen=True)
 class CanaryConfig:
     """Example-level canaries: a one-run audit of DP-SGD (Steinke, Nasr & Jagielski 2023)."""
 
@@ -240,6 +262,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     shard_block: int = 4096  # transport sharded: columns per block (fixed: results do not depend on the rank count)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
 
     def to_dict(self) -> dict:

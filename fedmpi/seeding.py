@@ -28,7 +28,10 @@ PURPOSES = {
     "client_torch": 15,  # torch's global generator while a client trains (dropout): (round, client id)
     "probe": 16,  # inputs on which user code is tried before the run
     "server_attack": 17,  # an on_server attack's generator on rank 0: (round)
-    "audit": 18,  # audit canaries (fedmpi.canaries): (what, ...)
+    "stragglers": 18,
+    "dropout": 19,
+    "speed": 20,
+    "audit": 21,  # audit canaries (fedmpi.canaries): (what, ...)
 }
 
 

@@ -5,18 +5,23 @@
 1. sample the cohort from the keyed generator (seed, "cohort", round):
    ``clients.per_round`` distinct ids, or Poisson sampling;
 2. collect the cohort's updates through the clients interface (workers over
-   MPI, or this process), in slot order; omniscient attackers (the attack's
-   ``on_server`` hook, with a :class:`fedmpi.attacks.ServerContext`) then
-   replace the Byzantine rows, and every row is checked: its norm and whether it
-   is finite (:func:`fedmpi.aggregation.norms_and_finite`); the audit's canary
-   clients, if any, append their rows (:mod:`fedmpi.canaries`; they leave the
-   round's records after step 4);
-3. aggregate (:func:`build_aggregator`: the rule with its pre-aggregation
-   steps, the pre-summed mean of ``transport: reduce``, or central DP) over the
-   finite rows; a row with a NaN or infinite value is left out and counts
-   against f;
-4. step the server optimizer (not when too few finite rows remained for the
-   rule: the round then leaves the model and the server's state unchanged);
+   MPI, or this process), in slot order, sending each slot what the algorithm
+   gives it (SCAFFOLD: c - c_i); the slots whose update arrived (all, unless
+   heterogeneous devices dropped some, :mod:`fedmpi.devices`) go on:
+   omniscient attackers (the attack's ``on_server`` hook, with a
+   :class:`fedmpi.attacks.ServerContext`) replace the Byzantine rows, and every
+   row is checked: its norm and whether it is finite
+   (:func:`fedmpi.aggregation.norms_and_finite`); the audit's canary clients, if
+   any, join the arrived rows (:mod:`fedmpi.canaries`; they are aggregated, and
+   left out of the round's records);
+3. aggregate the arrived updates (:func:`build_aggregator`: the rule with its
+   pre-aggregation steps, the pre-summed mean of ``transport: reduce``, or
+   central DP) over the finite rows; a row with a NaN or infinite value is left
+   out and counts against f;
+4. step the server optimizer, then the algorithm's server half (SCAFFOLD: the
+   control variates, :mod:`fedmpi.algorithms`); neither when too few finite rows
+   remained for the rule (the round then leaves the model and the server's
+   state unchanged);
 5. account privacy;
 6. evaluate (every ``eval.every`` rounds, after the last, and after a round in
    which the run diverged), and the attack's success rate on its triggered test
@@ -24,8 +29,9 @@
 7. record: append the round to the HDF5 file (flushed), print one line.
 
 After the last round the workers are told to stop and the final model is
-written. A checkpoint (weights, server optimizer, aggregator, accountant and
-attack state: everything else is keyed by seed and round) is written every
+written. A checkpoint (weights, server optimizer, aggregator, algorithm,
+accountant and attack state, and the clients' state: everything else is keyed
+by seed and round) is written every
 ``output.checkpoint_every`` rounds, at the end, and after the round in which
 SIGTERM or SIGUSR1 arrived; the run then stops and ``--resume`` continues it
 bit for bit.
@@ -48,7 +54,9 @@ import numpy as np
 
 from . import attacks, extensions, seeding
 from .aggregation import norms_and_finite
+from .algorithms import ALGORITHMS, state_path
 from .canaries import ClientCanaries, ExampleCanaries
+from .client_state import ClientStateStore
 from .data import FederatedData
 from .extensions import ExtensionFailed
 from .models import FlatModel
@@ -56,7 +64,7 @@ from .optimizers import ServerOptimizer
 from .privacy.accounting import RunAccountant
 from .privacy.client_level import CentralDP
 from .protocol import EXIT_CHECKPOINTED, EXIT_DIVERGED, EXIT_FAILED, EXIT_OK
-from .results import ClientRecords, ResultsWriter, RoundRecord, progress_line
+from .results import ClientRecords, ResultsWriter, RoundRecord, open_results, progress_line
 from .rounds import Aggregate, PresummedMean, RuleAggregator, Updates
 from .schema import Config
 from .sharded.round import ShardedAggregator, ShardedServerOptimizer
@@ -73,17 +81,11 @@ def sample_cohort(cfg: Config, round_index: int) -> np.ndarray:
     return np.sort(g.choice(c.total, size=c.per_round, replace=False)).astype(np.int64)
 
 
-def without_canaries(updates: Updates, result: Aggregate) -> tuple[Updates, Aggregate]:
-    """The round's real cohort: the canary clients rank 0 inserted (the last slots) left out."""
-    if not updates.canaries:
-        return updates, result
-    n = len(updates.cohort) - updates.canaries
-    real = dataclasses.replace(
-        updates, cohort=updates.cohort[:n], records=updates.records[:n],
-        rows=updates.rows[:n] if updates.rows is not None else None, byzantine=updates.byzantine[:n],
-        norms=updates.norms[:n], finite=updates.finite[:n] if updates.finite is not None else None, canaries=0)
-    clipped = result.clipped[:n] if result.clipped is not None else None
-    return real, dataclasses.replace(result, selected=result.selected[:n], scores=result.scores[:n], clipped=clipped)
+def without_canaries(result: Aggregate, slots: int) -> Aggregate:
+    """The aggregator's per-slot decision for the round's first ``slots`` slots: the
+    canary clients rank 0 appended after them (:mod:`fedmpi.canaries`) left out."""
+    clipped = result.clipped[:slots] if result.clipped is not None else None
+    return dataclasses.replace(result, selected=result.selected[:slots], scores=result.scores[:slots], clipped=clipped)
 
 
 def build_aggregator(cfg: Config, size: int, clients=None):
@@ -156,16 +158,26 @@ class Stopwatch:
 
 
 class ServerLoop:
-    """Rank 0's state for a run: global weights, server optimizer, aggregator and
-    privacy accountant, and the clients it reaches through ``clients`` (an object with
-    ``collect(round, cohort, weights) -> Updates`` and ``stop(status)``)."""
+    """Rank 0's state for a run: global weights, server optimizer, aggregator, the
+    algorithm's server half with the clients' state, and privacy accountant, and the
+    clients it reaches through ``clients`` (an object with ``collect(round, cohort,
+    weights, slot_rows) -> Updates`` and ``stop(status)``). ``state_store``: where the
+    clients' state lives, ``memory`` or ``file`` (as the memory check decided)."""
 
     def __init__(self, cfg: Config, clients, data: FederatedData, model: FlatModel, weights: np.ndarray,
-                 writer: ResultsWriter | None, quiet: bool = False):
+                 writer: ResultsWriter | None, quiet: bool = False, state_store: str | None = None):
         self.cfg, self.clients, self.data, self.model = cfg, clients, data, model
         self.weights, self.writer, self.quiet = weights, writer, quiet
         self.optimizer = build_optimizer(cfg, model.size, clients)
         self.aggregator = build_aggregator(cfg, model.size, clients)
+        algorithm = ALGORITHMS[cfg.algorithm.name]
+        self.client_state = None
+        if algorithm.client_state:
+            store = state_store or ("file" if cfg.algorithm.state_store == "file" else "memory")
+            self.client_state = ClientStateStore(algorithm.client_state, cfg.clients.total, model.size,
+                                                 state_path(cfg) if store == "file" else None)
+        sizes = data.client_sizes() if algorithm.client_state else None
+        self.algorithm = algorithm.server(cfg, model.size, sizes, self.client_state)
         a = cfg.attack
         self.attack = extensions.attack(a.name)
         self.byzantine_ids = attacks.byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients)
@@ -188,7 +200,8 @@ class ServerLoop:
     # ---- state a checkpoint holds (everything else is keyed by seed and round)
 
     def parts(self) -> dict[str, dict]:
-        parts = {"optimizer": _state_of(self.optimizer), "aggregator": _state_of(self.aggregator)}
+        parts = {"optimizer": _state_of(self.optimizer), "aggregator": _state_of(self.aggregator),
+                 "algorithm": self.algorithm.state}
         if self.accountant is not None:
             parts["accountant"] = self.accountant.state()
         if self.attack_state:
@@ -205,7 +218,7 @@ class ServerLoop:
 
     def load_state(self, weights: np.ndarray, state: dict) -> None:
         self.weights[:] = weights
-        for part, holder in (("optimizer", self.optimizer), ("aggregator", self.aggregator)):
+        for part, holder in (("optimizer", self.optimizer), ("aggregator", self.aggregator), ("algorithm", self.algorithm)):
             _load_part(holder, {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(part + "/")})
         for key, value in self.attack_state.items():
             value[...] = state[f"attack/{key}"]
@@ -228,6 +241,12 @@ class ServerLoop:
         for canaries in (self.example_canaries, self.client_canaries):
             if canaries is not None:
                 canaries.write_definition(self.writer)
+
+    def load_client_state(self, path: str, slot: int) -> None:
+        """The clients' state from checkpoint slot ``slot`` of the results file ``path``."""
+        if self.client_state is not None:
+            with open_results(path) as f:
+                self.client_state.load(f[f"checkpoint/slot{slot}/clients"])
 
     # ---- the run
 
@@ -274,47 +293,58 @@ class ServerLoop:
         """One round: sample, collect, aggregate, step, account, evaluate, record."""
         clock = Stopwatch()
         cohort = sample_cohort(self.cfg, r)
-        updates = self.collect(r, cohort)
+        updates, arrived = self.collect(r, cohort)
         clock.lap("collect")
-        result = self.aggregator(updates, r)
+        aggregated = self.client_canaries.insert(r, arrived) if self.client_canaries is not None else arrived
+        result = self.aggregator(aggregated, r)
+        if aggregated is not arrived:
+            result = without_canaries(result, len(arrived.cohort))
+        if arrived is not updates:
+            result = result.for_slots(~updates.dropped)
         before = self.weights.copy() if self.client_canaries is not None else None
         if result.skipped is None:
             self.optimizer.step(self.weights, result.vector)
-        if self.client_canaries is not None:
-            if result.skipped is None:
+            self.algorithm.after_round(arrived, r)
+            if self.client_canaries is not None:
                 self.client_canaries.observe(self.weights.astype(np.float64) - before)
-            updates, result = without_canaries(updates, result)
         privacy = self.account(updates)
-        self.diverged = self.divergence(updates)
+        self.diverged = self.divergence(arrived)
         clock.lap("aggregate")
         evaluation = self.evaluate(r, last=self.diverged is not None)
         clock.lap("eval")
         self.record(r, updates, result, privacy, evaluation, clock)
-        self.warn(r, updates, result)
+        self.warn(r, arrived, result)
 
     # ---- the steps
 
-    def collect(self, r: int, cohort: np.ndarray) -> Updates:
-        """The cohort's updates; omniscient attackers replace their rows; each slot's
-        norm and whether its row is finite."""
-        updates = self.clients.collect(r, cohort, self.weights)
+    def collect(self, r: int, cohort: np.ndarray) -> tuple[Updates, Updates]:
+        """The cohort's updates (every slot) and those that arrived (the same object
+        unless devices dropped slots); omniscient attackers replace their arrived rows;
+        each slot's norm (NaN where nothing arrived) and whether its row is finite (a
+        dropped slot counts as finite: it sent nothing)."""
+        updates = self.clients.collect(r, cohort, self.weights, self.algorithm.downlink(cohort))
         updates.byzantine = np.isin(cohort, self.byzantine_ids)
-        if updates.rows is None:  # pre-summed: each row's check came with the records
-            updates.norms = updates.record("update_norm")
-            updates.finite = updates.record("finite") > 0
-            return updates
-        if self.attack.on_server is not None and len(cohort):
-            arrived_finite = norms_and_finite(updates.rows)[1]
+        arrived = updates.arrived()
+        if updates.rows is None:  # pre-summed or sharded: each row's check came with the records
+            for part in {id(updates): updates, id(arrived): arrived}.values():
+                part.norms = part.record("update_norm")
+                part.finite = part.record("finite") > 0
+            return updates, arrived
+        if self.attack.on_server is not None and len(arrived.cohort):
+            arrived_finite = norms_and_finite(arrived.rows)[1]
             with np.errstate(over="ignore", invalid="ignore"):  # what the attack makes is checked below
-                self.attack.on_server(updates.rows, updates.byzantine, self.attack_params,
-                                      self.attack_context(r, updates, arrived_finite))
-        if len(cohort):
-            updates.norms, updates.finite = norms_and_finite(updates.rows)
+                self.attack.on_server(arrived.rows, arrived.byzantine, self.attack_params,
+                                      self.attack_context(r, arrived, arrived_finite))
+        if len(arrived.cohort):
+            arrived.norms, arrived.finite = norms_and_finite(arrived.rows)
         else:
-            updates.norms, updates.finite = np.empty(0), np.empty(0, dtype=bool)
-        if self.client_canaries is not None:
-            updates = self.client_canaries.insert(r, updates)
-        return updates
+            arrived.norms, arrived.finite = np.empty(0), np.empty(0, dtype=bool)
+        if arrived is not updates:
+            updates.norms = np.full(len(cohort), np.nan)
+            updates.norms[~updates.dropped] = arrived.norms
+            updates.finite = np.ones(len(cohort), dtype=bool)
+            updates.finite[~updates.dropped] = arrived.finite
+        return updates, arrived
 
     def attack_context(self, r: int, updates: Updates, finite: np.ndarray) -> attacks.ServerContext:
         """What an on_server attack knows this round (full knowledge of the rule)."""
@@ -387,13 +417,18 @@ class ServerLoop:
         dp = p.mode != "none"
         offsets = np.cumsum([0] + updates.counts)
         train_s = max(updates.record("train_s")[offsets[i]:offsets[i + 1]].sum() for i in range(len(updates.counts)))
-        train_loss = float(np.average(updates.record("train_loss"), weights=samples)) if samples.sum() else np.nan
+        losses, kept_samples, kept_steps, kept_clipped = updates.record("train_loss"), samples, steps, clipped
+        dropped = updates.dropped
+        if dropped.any():  # the round's means are over the updates that arrived
+            kept = ~dropped
+            losses, kept_samples, kept_steps, kept_clipped = losses[kept], samples[kept], steps[kept], clipped[kept]
+        train_loss = float(np.average(losses, weights=kept_samples)) if kept_samples.sum() else np.nan
         if p.mode == "sample":
-            seen = samples * steps
-            clipped_round = float(np.average(clipped, weights=seen)) if seen.sum() else np.nan
-        else:  # client modes: over the updates the aggregate could use
-            kept = clipped if len(updates.kept) == k else clipped[updates.kept]
-            clipped_round = float(kept.mean()) if dp and len(kept) else np.nan
+            seen = kept_samples * kept_steps
+            clipped_round = float(np.average(kept_clipped, weights=seen)) if seen.sum() else np.nan
+        else:  # client modes: over the updates the aggregate could use (arrived and finite)
+            usable = clipped if len(updates.kept) == k and not dropped.any() else clipped[~dropped & updates.finite]
+            clipped_round = float(usable.mean()) if dp and len(usable) else np.nan
         collect_s = clock.laps["collect"]
         row = RoundRecord(
             round=r, cohort_size=k, test_accuracy=evaluation.test_accuracy, test_loss=evaluation.test_loss,
@@ -412,6 +447,7 @@ class ServerLoop:
             update_norm=updates.norms, train_loss=updates.record("train_loss"), steps=steps.astype(np.int64),
             train_s=updates.record("train_s"), byzantine=updates.byzantine, selected=result.selected,
             score=result.scores, clipped_fraction=clipped, finite=updates.finite,
+            dropped=updates.record("dropped").astype(np.int8),
         ))
         if self.writer.snapshot_every and (r + 1) % self.writer.snapshot_every == 0:
             self.writer.snapshot(r, self.weights)

@@ -13,6 +13,20 @@ N(0, sigma^2 C^2) from the key (seed, "dp_noise", round, client id), divided by
 the expected batch size q n. Audit canaries the client holds (:mod:`fedmpi.canaries`)
 are sampled in each step with the same rate q and join the clipped sum before the
 noise.
+
+What the algorithm adds to every step's gradient (:mod:`fedmpi.algorithms`):
+FedProx's proximal gradient mu (w - w_global), and SCAFFOLD's correction
+c - c_i (one float32 row per client and round, sent by rank 0). Neither depends
+on the client's data, so with DP-SGD both are added *after* the clipped sum,
+the noise and the division by the expected batch size: clipping them per
+example would cut a term that carries no privacy risk (and change the
+algorithm), while the privatised part, whose sensitivity to one example is C,
+stays exactly what it is without them. Then weight decay and momentum, as
+before.
+
+``max_steps``: stop after that many steps (a straggler's or a deadline's partial
+work, :mod:`fedmpi.devices`); :meth:`LocalTrainer.full_steps` is the work
+without a limit.
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import seeding
+from .algorithms import prox_mu
 from .models import FlatModel
 from .privacy.accounting import dp_schedule
 from .privacy.dpsgd import PerExampleGradients
@@ -48,6 +63,9 @@ class LocalTrainer:
         self.model = model
         self.cfg = cfg
         self.momentum_buffer = torch.zeros_like(model.flat)
+        self.mu = prox_mu(cfg)
+        if self.mu:
+            self.prox = torch.zeros_like(model.flat)
         self.dp = cfg.privacy.mode == "sample"
         if self.dp:
             self.per_example = PerExampleGradients(model.module)
@@ -87,17 +105,30 @@ class LocalTrainer:
         self.per_example.compute(xc, yc, F.cross_entropy, clip, self.canary_views)
         grad.add_(self.canary_grad)
 
+    def full_steps(self, num_samples: int) -> int:
+        """Local steps of a client holding ``num_samples``, without a limit."""
+        t = self.cfg.train
+        if not num_samples:
+            return 0
+        if self.dp and self.cfg.privacy.batch_sampling == "poisson":
+            return dp_schedule(num_samples, t.batch_size, t.epochs)[1]
+        return t.epochs * -(-num_samples // t.batch_size)
+
     def train(self, global_weights: np.ndarray, x: np.ndarray, y: np.ndarray, round_index: int,
-              client_id: int, out: np.ndarray, canaries=None) -> ClientResult:
-        """Train one client from ``global_weights``; write its update into ``out``. The
-        model is in train mode, torch's global generator (dropout) keyed by the client.
-        ``canaries``: the audit canaries the client holds this round (DP-SGD only), or None."""
+              client_id: int, out: np.ndarray, max_steps: int | None = None,
+              correction: np.ndarray | None = None, canaries=None) -> ClientResult:
+        """Train one client from ``global_weights``; write its update into ``out``. At most
+        ``max_steps`` steps; ``correction``: a constant added to every step's gradient
+        (SCAFFOLD's c - c_i). The model is in train mode, torch's global generator
+        (dropout) keyed by the client. ``canaries``: the audit canaries the client holds
+        this round (DP-SGD only, :mod:`fedmpi.canaries`), or None."""
         self.model.module.train()
         with client_torch_rng(self.cfg.seed, round_index, client_id, self.model.device):
-            return self._train(global_weights, x, y, round_index, client_id, out, canaries)
+            return self._train(global_weights, x, y, round_index, client_id, out, max_steps, correction, canaries)
 
     def _train(self, global_weights: np.ndarray, x: np.ndarray, y: np.ndarray, round_index: int,
-               client_id: int, out: np.ndarray, canaries=None) -> ClientResult:
+               client_id: int, out: np.ndarray, max_steps: int | None, correction: np.ndarray | None,
+               canaries=None) -> ClientResult:
         t, p = self.cfg.train, self.cfg.privacy
         model, flat, grad = self.model.module, self.model.flat, self.model.grad
         self.model.set_weights(global_weights)
@@ -115,8 +146,14 @@ class LocalTrainer:
                 noise_std *= self.noise_scale
             rate = dp_schedule(n, t.batch_size, t.epochs)[0]
         buf = self.momentum_buffer
+        if self.mu:
+            anchor = torch.from_numpy(global_weights).to(device)
+        if correction is not None:
+            correction = torch.from_numpy(correction).to(device)
         loss_sum, seen, clipped, steps = 0.0, 0, 0, 0
         for idx, expected_size in self._batches(n, gen):
+            if max_steps is not None and steps >= max_steps:
+                break
             if self.dp:
                 if len(idx):
                     norms, batch_loss = self.per_example.compute(xt[idx], yt[idx], F.cross_entropy, p.max_grad_norm,
@@ -137,6 +174,10 @@ class LocalTrainer:
                 loss.backward()
                 batch_loss = loss.item() * len(idx)
             with torch.no_grad():
+                if self.mu:  # data-independent: after clipping and noise (see the module docstring)
+                    grad.add_(torch.sub(flat, anchor, out=self.prox), alpha=self.mu)
+                if correction is not None:
+                    grad.add_(correction)
                 if t.weight_decay:
                     grad.add_(flat, alpha=t.weight_decay)
                 if t.momentum:

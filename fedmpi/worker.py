@@ -5,10 +5,12 @@ another, on one flat model: local training, then what a Byzantine client does
 to its data or its update (its attack's ``on_data`` / ``on_update`` hooks), and
 local client-level DP for honest clients. With ``transport: reduce`` each row is
 checked here (norm and finite flag, :func:`fedmpi.aggregation.norms_and_finite`)
-and only finite rows enter the pre-summed total.
+and only finite rows enter the pre-summed total. With heterogeneous devices
+(:mod:`fedmpi.devices`) a client may do less work or drop out; what the
+algorithm sends per slot (SCAFFOLD's c - c_i) is added to every local step.
 
 Rank 0 reaches the clients through one interface, ``collect(round, cohort,
-weights) -> Updates`` and ``stop(status)``: :class:`RemoteClients` over MPI
+weights, slot_rows) -> Updates`` and ``stop(status)``: :class:`RemoteClients` over MPI
 (the workers run :func:`serve`), or :class:`LocalClients` in a single process,
 where rank 0 trains the cohort itself. Both produce the same bytes.
 :class:`ShardedClients` (``transport: sharded``) leaves rank 0 only its blocks'
@@ -21,7 +23,7 @@ import time
 
 import numpy as np
 
-from . import attacks, extensions
+from . import attacks, devices, extensions
 from .aggregation import norms_and_finite
 from .canaries import ExampleCanaries
 from .data import FederatedData
@@ -48,19 +50,33 @@ class ClientHost:
         self.canaries = ExampleCanaries(cfg, data, model.size) if cfg.audit.canaries.count else None
 
     def train_slots(self, round_index: int, client_ids: np.ndarray, weights: np.ndarray,
-                    rows: np.ndarray, records: np.ndarray) -> None:
-        """Train ``client_ids`` in order; row i of ``rows``/``records`` belongs to client_ids[i]."""
+                    rows: np.ndarray, records: np.ndarray, draws: devices.CohortDraws | None = None,
+                    corrections: np.ndarray | None = None) -> None:
+        """Train ``client_ids`` in order; row i of ``rows``/``records`` (and of ``draws``, the
+        device draws, and ``corrections``, the algorithm's per-slot rows) belongs to client_ids[i]."""
         cfg, attack = self.cfg, self.attack
         for i, cid in enumerate(client_ids):
             start = time.perf_counter()
             cid = int(cid)
             x, y = self.data.client(cid)
+            max_steps = None
+            if draws is not None:
+                max_steps, dropped = devices.local_work(cfg, round_index, cid, self.trainer.full_steps(len(y)),
+                                                        bool(draws.straggler[i]), bool(draws.dropout[i]))
+                records[i, RECORD["dropped"]] = dropped
+                if dropped:  # nothing reaches the server: the work is not simulated
+                    rows[i] = 0.0
+                    records[i, [RECORD["num_samples"], RECORD["train_loss"], RECORD["steps"], RECORD["clipped_fraction"],
+                                RECORD["update_norm"], RECORD["finite"]]] = (len(y), np.nan, 0, np.nan, np.nan, 1.0)
+                    records[i, RECORD["train_s"]] = time.perf_counter() - start
+                    continue
             byzantine = cid in self.byzantine
             if byzantine and attack.on_data is not None:
                 x, y = attack.on_data(x, y, self.data.num_classes, self.attack_params,
                                       attacks.client_rng(cfg.seed, round_index, cid))
             share = self.canaries.share(round_index, cid) if self.canaries is not None else None
-            result = self.trainer.train(weights, x, y, round_index, cid, rows[i], canaries=share)
+            result = self.trainer.train(weights, x, y, round_index, cid, rows[i], max_steps,
+                                        corrections[i] if corrections is not None else None, canaries=share)
             clipped_fraction = result.clipped_fraction
             if byzantine and attack.on_update is not None:  # a Byzantine client sends what it likes, DP or not
                 with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are its to send; rank 0 checks
@@ -85,11 +101,13 @@ class LocalClients:
     def __init__(self, host: ClientHost, size: int, reduce: bool):
         self.host, self.size, self.reduce = host, size, reduce
 
-    def collect(self, round_index: int, cohort: np.ndarray, weights: np.ndarray) -> Updates:
+    def collect(self, round_index: int, cohort: np.ndarray, weights: np.ndarray,
+                slot_rows: np.ndarray | None = None) -> Updates:
         k = len(cohort)
         rows = np.empty((k, self.size), dtype=np.float32)
         records = np.zeros((k, len(RECORD_FIELDS)))
-        self.host.train_slots(round_index, cohort, weights, rows, records)
+        self.host.train_slots(round_index, cohort, weights, rows, records,
+                              devices.cohort_draws(self.host.cfg, round_index, cohort), slot_rows)
         if self.reduce:
             return Updates(cohort, records, slot_counts(k, 1), total=weighted_total(rows, records))
         return Updates(cohort, records, slot_counts(k, 1), rows=rows)
@@ -104,8 +122,9 @@ class RemoteClients:
     def __init__(self, messages: RoundMessages):
         self.messages = messages
 
-    def collect(self, round_index: int, cohort: np.ndarray, weights: np.ndarray) -> Updates:
-        self.messages.send_round(round_index, cohort, weights)
+    def collect(self, round_index: int, cohort: np.ndarray, weights: np.ndarray,
+                slot_rows: np.ndarray | None = None) -> Updates:
+        self.messages.send_round(round_index, cohort, weights, slot_rows)
         rows, total, records, counts = self.messages.receive_updates(len(cohort))
         return Updates(cohort, records, counts, rows=rows, total=total)
 
@@ -122,7 +141,9 @@ class ShardedClients:
     def __init__(self, cfg: Config, context: ShardContext, local: LocalClients | None = None):
         self.context, self.local, self.check = context, local, ColumnCheck(cfg)
 
-    def collect(self, round_index: int, cohort: np.ndarray, weights: np.ndarray) -> Updates:
+    def collect(self, round_index: int, cohort: np.ndarray, weights: np.ndarray,
+                slot_rows: np.ndarray | None = None) -> Updates:
+        """(No per-slot rows: config validation refuses algorithms with client state here.)"""
         messages = self.context.messages
         if self.local is not None:
             trained = self.local.collect(round_index, cohort, weights)
@@ -158,7 +179,9 @@ def serve(messages: RoundMessages, host: ClientHost, sharded: ShardedWorker | No
         if rows.shape[0] != len(mine):
             rows = np.empty((len(mine), size), dtype=np.float32)
         records = np.zeros((len(mine), len(RECORD_FIELDS)))
-        host.train_slots(order.round_index, mine, order.weights, rows, records)
+        draws = devices.cohort_draws(host.cfg, order.round_index, order.cohort)
+        host.train_slots(order.round_index, mine, order.weights, rows, records,
+                         draws[start:start + len(mine)] if draws is not None else None, order.corrections)
         if sharded is None:
             messages.send_updates(rows, records, order.counts)
         else:

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import CONFIGS, REPO
 from fedmpi.aggregation import PRE_STEPS, RULES
+from fedmpi.algorithms import ALGORITHMS
 from fedmpi.architectures import ARCHITECTURES
 from fedmpi.attacks import ATTACKS
 from fedmpi.data import DATASETS
@@ -100,6 +101,7 @@ def _row(text: str, name: str) -> str | None:
 
 @pytest.mark.parametrize("doc, registry", [
     ("robustness.md", RULES), ("robustness.md", PRE_STEPS), ("robustness.md", ATTACKS), ("data.md", DATASETS),
+    ("algorithms.md", ALGORITHMS),
 ])
 def test_every_registry_entry_is_documented_with_its_paper(doc, registry):
     text = (REPO / "docs" / doc).read_text()
@@ -114,7 +116,7 @@ def test_every_registry_entry_is_documented_with_its_paper(doc, registry):
 
 @pytest.mark.parametrize("key, registry", [
     ("data.name", DATASETS), ("model.name", ARCHITECTURES), ("server.optimizer", OPTIMIZERS),
-    ("aggregator.name", RULES), ("attack.name", ATTACKS),
+    ("aggregator.name", RULES), ("attack.name", ATTACKS), ("algorithm.name", ALGORITHMS),
 ])
 def test_config_docs_and_default_yaml_list_exactly_the_registry(key, registry):
     section, leaf = key.split(".")

@@ -37,7 +37,7 @@ CONFIG_CASES = {
     "krum cannot tolerate f": (["--set", "aggregator.name=krum", "--set", "aggregator.f=7"],
                                "aggregator.f = 7", "krum needs n >= 2f + 3; got n = 16, f = 7"),
     "unknown attack parameter": (["--set", "attack.name=ipm", "--set", "attack.fraction=0.25", "--set", "attack.params={lambda: 2}"],
-                                 "attack.params.lambda = 2.0", "unknown parameter for ipm (allowed: eps)"),
+                                 "attack.params.lambda = 2:", "unknown parameter for ipm (allowed: eps)"),
     "unknown aggregator": (["--set", "aggregator.name=mean"], "aggregator.name = 'mean'", "fedavg, krum, multi_krum"),
     "negative noise": (["--set", "privacy.mode=sample", "--set", "privacy.noise_multiplier=-1"],
                        "privacy.noise_multiplier = -1.0", "must be >= 0"),

@@ -7,7 +7,10 @@ plus variants that reach each aggregation path, on 1, 2 and 3 ranks, and hash
     python tools/output_digest.py --compare before.json                   # this checkout
 
 Prints one line per (case, ranks) with the digest, and with ``--compare`` whether
-it matches. Exit status 1 when any digest differs. MNIST-style cases run on small
+it matches. ``--set KEY=VALUE`` (repeatable) is added to every case: a feature
+that promises to equal the baseline in some setting is checked against the
+baseline's digests, e.g. ``--compare before.json --set algorithm.name=fedprox
+--set algorithm.mu=0`` (FedProx with mu = 0 is FedAvg bit for bit). Exit status 1 when any digest differs. MNIST-style cases run on small
 IDX files generated here (nothing is downloaded). Used for refactors that promise
 bitwise-identical outputs.
 """
@@ -122,8 +125,10 @@ def digest(path: Path, ignore: set) -> str:
     return h.hexdigest()[:16]
 
 
-def run_case(name: str, spec: tuple, ranks: int, tmp: Path, mpirun: str, ignore: set, code: Path) -> str:
+def run_case(name: str, spec: tuple, ranks: int, tmp: Path, mpirun: str, ignore: set, code: Path,
+             extra: tuple = ()) -> str:
     config, overrides = spec
+    overrides = [*overrides, *extra]
     out = tmp / f"{name}-{ranks}.h5"
     cmd = [sys.executable, "-m", "fedmpi.run", "--config", str(REPO / config), "--set", f"rounds={ROUNDS}",
            "--quiet", "--out", str(out)]
@@ -147,6 +152,8 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated case names")
     parser.add_argument("--code", default=str(REPO), help="the checkout whose fedmpi runs (default: this one), e.g. a "
                         "worktree of the commit before a change, to make the baseline with this tool's cases")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override added to every case (repeatable)")
     parser.add_argument("--ignore", default="", help="comma-separated /rounds or /clients fields to leave out of both "
                         "sides (e.g. epsilon,epsilon_median when only the accountant changed)")
     args = parser.parse_args()
@@ -164,7 +171,8 @@ def main() -> int:
                 continue
             for ranks in map(int, args.ranks.split(",")):
                 key = f"{name}@{ranks}"
-                results[key] = value = run_case(name, spec, ranks, tmp, mpirun, ignore, Path(args.code).resolve())
+                results[key] = value = run_case(name, spec, ranks, tmp, mpirun, ignore, Path(args.code).resolve(),
+                                                tuple(args.set))
                 verdict = ""
                 if args.compare:
                     same = expected.get(key) == value and not value.startswith("failed")
