@@ -151,7 +151,10 @@ def resolve(cfg: Config) -> Config:
     devices = cfg.devices
     if devices.partial_work is None:
         devices = dataclasses.replace(devices, partial_work=ALGORITHMS[cfg.algorithm.name].partial_work)
-    return dataclasses.replace(cfg, data=data, server=server, aggregator=aggregator, devices=devices)
+    audit, canaries = cfg.audit, cfg.audit.canaries
+    if canaries.count > 0 and canaries.k is None:
+        audit = dataclasses.replace(audit, canaries=dataclasses.replace(canaries, k=max(1, canaries.count // 10)))
+    return dataclasses.replace(cfg, data=data, server=server, aggregator=aggregator, devices=devices, audit=audit)
 
 
 def _attack_counts_known(cfg: Config) -> bool:
@@ -252,6 +255,8 @@ def validate(cfg: Config) -> None:
 
     _at_least("eval.every", cfg.eval.every, 1)
     _at_least("eval.batch_size", cfg.eval.batch_size, 1)
+
+    _validate_audit(cfg)
 
     o = cfg.output
     _at_least("output.snapshot_every", o.snapshot_every, 0)
@@ -386,6 +391,32 @@ def _validate_privacy(cfg: Config) -> None:
         _require(not (p.accountant == "pld" and cfg.clients.sampling == "fixed"), "privacy.accountant", p.accountant,
                  "PLD accounting of fixed-size cohorts (sampling without replacement) is not supported by dp-accounting; "
                  "set clients.sampling: poisson or privacy.accountant: rdp")
+
+
+def _validate_audit(cfg: Config) -> None:
+    a, p = cfg.audit.canaries, cfg.privacy
+    _at_least("audit.canaries.count", a.count, 0)
+    if a.count == 0:
+        _require(a.k is None, "audit.canaries.k", a.k, "needs canaries: set audit.canaries.count")
+    else:
+        _at_least("audit.canaries.count", a.count, 2)
+        _require(p.mode == "sample", "audit.canaries.count", a.count,
+                 f"example-level canaries audit DP-SGD and need privacy.mode = sample (privacy.mode is {p.mode}); "
+                 "client-level DP is audited by audit.client_canaries")
+        _require(p.batch_sampling == "poisson", "audit.canaries.count", a.count,
+                 "canaries are Poisson-sampled like the examples they sit among: needs privacy.batch_sampling = poisson")
+        _require(1 <= a.k <= a.count // 2, "audit.canaries.k", a.k,
+                 f"must be in 1..{a.count // 2} (k top and k bottom scores among audit.canaries.count = {a.count})")
+    _require(0 < a.alpha < 1, "audit.canaries.alpha", a.alpha, "must be in (0, 1)")
+    c = cfg.audit.client_canaries
+    _at_least("audit.client_canaries.count", c.count, 0)
+    _at_least("audit.client_canaries.scale", c.scale, 1)
+    if c.count > 0:
+        _require(p.mode in ("client_central", "client_local"), "audit.client_canaries.count", c.count,
+                 f"canary clients estimate client-level DP and need privacy.mode = client_central or client_local "
+                 f"(privacy.mode is {p.mode}); DP-SGD is audited by audit.canaries")
+        _require(cfg.transport == "gather", "audit.client_canaries.count", c.count,
+                 "rank 0 inserts the canary clients' rows: needs transport = gather")
 
 
 def _validate_algorithm(cfg: Config) -> None:

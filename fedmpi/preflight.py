@@ -47,6 +47,7 @@ def preflight(cfg: Config, rank: int, new_file: bool = True, ranks: int = 1,
     check_device(cfg)
     data = data_mod.load(cfg, need_train=True, need_test=rank == 0, entry=dataset)
     num_params = check_model(cfg, data)
+    check_canaries(cfg, num_params)
     check_attack(cfg, data)
     store = None
     if rank == 0:
@@ -150,6 +151,14 @@ def check_user_model(cfg: Config, data: FederatedData) -> int:
             refuse(f"privacy.mode = sample: its per-example gradients failed on {len(x)} training samples: "
                    f"{one_line(exc)}")
     return sum(p.numel() for _, p in named)
+
+
+def check_canaries(cfg: Config, num_params: int) -> None:
+    """Dirac audit canaries need a model coordinate each."""
+    a = cfg.audit.canaries
+    if a.count and a.kind == "dirac" and a.count > num_params:
+        raise ConfigError("audit.canaries.count", a.count, f"dirac canaries need a coordinate each, and the model "
+                          f"has {num_params} parameters")
 
 
 def _probe_samples(data: FederatedData) -> tuple:
@@ -298,9 +307,10 @@ def server_memory(cfg: Config, data: FederatedData, num_params: int | None = Non
     counted by building it)."""
     d = num_params if num_params is not None else count_params(cfg.model, data.input_shape, data.num_classes)
     k = _cohort_bound(cfg)
-    rows = 0 if cfg.transport == "reduce" else k * d * 4
+    canaries = cfg.audit.client_canaries.count  # canary clients' rows (at most all of them) and their directions
+    rows = 0 if cfg.transport == "reduce" else (k + canaries) * d * 4
     slot_rows = k * d * 4 if ALGORITHMS[cfg.algorithm.name].client_state else 0  # the per-slot rows sent (SCAFFOLD's c - c_i)
-    return rows, 8 * d * 8 + _rule_memory(cfg, k, d) + slot_rows, d
+    return rows, 8 * d * 8 + canaries * d * 4 + _rule_memory(cfg, k + canaries, d) + slot_rows, d
 
 
 def _rule_memory(cfg: Config, k: int, width: int) -> int:
@@ -361,6 +371,11 @@ def check_memory(cfg: Config, data: FederatedData, rank: int = 0, ranks: int = 1
         budget, what = available_memory() // local_ranks + resident, f"this node's available memory / {local_ranks} ranks"
     else:
         budget, what = available_memory() + resident, "the memory available on this node"
+    if need > budget and cfg.audit.client_canaries.count:
+        raise ConfigError("audit.client_canaries.count", cfg.audit.client_canaries.count,
+                          f"rank 0 would need about {_gib(need)} with the canary clients' directions and rows "
+                          f"({d} parameters x 4 bytes each), over its budget of {_gib(budget)} ({what}); use fewer "
+                          "canary clients or raise memory_limit_gb")
     if need > budget:
         if sharded:
             width = BlockLayout(d, cfg.shard_block, ranks).width(rank)

@@ -40,7 +40,9 @@ class Updates:
     every coordinate of it is finite (None: all are). A slot whose update is not
     finite never reaches an aggregator's rule, and counts against f. ``shard``:
     ``transport: sharded``, this rank's columns of the rows
-    (:class:`fedmpi.sharded.columns.Columns`)."""
+    (:class:`fedmpi.sharded.columns.Columns`). ``canaries``: how many of the last
+    slots are audit canary clients inserted by rank 0 (:mod:`fedmpi.canaries`), not
+    clients of the run."""
 
     cohort: np.ndarray
     records: np.ndarray
@@ -51,6 +53,7 @@ class Updates:
     norms: np.ndarray | None = None
     finite: np.ndarray | None = None
     shard: Any = None
+    canaries: int = 0
 
     def record(self, name: str) -> np.ndarray:
         return self.records[:, RECORD[name]]

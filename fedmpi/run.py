@@ -55,6 +55,7 @@ from .comm import SingleProcess, connect, launcher_local_size, launcher_rank, la
 from .data import DataError
 from .extensions import ExtensionFailed
 from .preflight import preflight
+from .privacy.hooks import NOISE_SCALE_ENV, noise_scale
 from .protocol import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_FAILED, EXIT_OK
 from .results import ResultsError, RunResults, default_path, load, run_info
 from .schema import Config, ConfigError, flatten, plain, replace
@@ -293,6 +294,8 @@ def _run_attrs(cfg: Config, data, rank_hosts: list) -> dict:
         attrs["data_norm_mean"], attrs["data_norm_std"] = data.norm_mean, data.norm_std
     if data.client_names is not None:
         attrs["data_client_names"] = [str(name) for name in data.client_names]
+    if noise_scale() != 1.0:  # a test injected a bug (fedmpi.privacy.hooks): say so in the file
+        attrs["test_only_noise_scale"] = noise_scale()
     p = cfg.privacy
     attrs["dp_mode"] = p.mode
     if p.mode != "none":
@@ -329,6 +332,9 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
     torch.set_num_threads(cfg.threads)
     _single_threaded_blas()
     p = cfg.privacy
+    if comm.rank == 0 and p.mode != "none" and noise_scale() != 1.0:
+        print(f"fedmpi: warning: {NOISE_SCALE_ENV} = {noise_scale():g} (test only): every DP noise draw is scaled by "
+              "it, so the reported epsilon is wrong", file=sys.stderr, flush=True)
     if comm.rank == 0 and p.mode == "sample" and p.batch_sampling == "shuffle" and not quiet:
         print("fedmpi: warning: privacy.batch_sampling = shuffle uses fixed-size batches, but the privacy "
               "accounting assumes Poisson sampling; the reported epsilon is then an approximation", flush=True)
@@ -388,11 +394,13 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
             print(f"resuming {resume_path} {where}", flush=True)
     writer = ResultsWriter(path, config_yaml=config_yaml, world_size=comm.size, seed=cfg.seed, layout=specs,
                            overwrite=cfg.output.overwrite or bool(resume_path), snapshot_every=cfg.output.snapshot_every,
-                           attrs=attrs, state_spec=loop.state_spec(), history=history, clients=loop.client_state)
+                           attrs=attrs, state_spec=loop.state_spec(), history=history, clients=loop.client_state,
+                           extra=loop.audit_specs())
     if resume_path:
         os.replace(path, resume_path)  # the old file stays whole until its copy is complete
         writer.path = resume_path
     loop.writer = writer
+    loop.write_audit_definitions()
     try:
         return loop.run(start_round)
     finally:

@@ -215,6 +215,32 @@ class DevicesConfig:
 
 
 @dataclass(frozen=True)
+class CanaryConfig:
+    """Example-level canaries: a one-run audit of DP-SGD (Steinke, Nasr & Jagielski 2023)."""
+
+    count: int = 0  # canaries m (0: off), each included with probability 1/2; needs privacy.mode sample
+    kind: Literal["dirac", "input"] = "dirac"  # dirac: gradient +C on one coordinate (white-box); input: mislabelled example
+    k: int | None = None  # guesses: the k top scores "in", the k bottom "out"; default count // 10 (at least 1)
+    alpha: float = 0.05  # the bound holds with probability 1 - alpha
+
+
+@dataclass(frozen=True)
+class ClientCanaryConfig:
+    """Client-level canaries: a one-shot estimate of DP-FedAvg (Andrew et al. 2024)."""
+
+    count: int = 0  # canary clients (0: off), each inserted with probability 1/2; needs a client-level privacy.mode
+    scale: float = 2.0  # a canary's update norm in units of the clip norm S (>= 1: clipped to exactly S)
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Empirical privacy auditing inside the run (docs/privacy.md, "Auditing")."""
+
+    canaries: CanaryConfig = field(default_factory=CanaryConfig)
+    client_canaries: ClientCanaryConfig = field(default_factory=ClientCanaryConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     rounds: int = 20
@@ -238,6 +264,7 @@ class Config:
     shard_block: int = 4096  # transport sharded: columns per block (fixed: results do not depend on the rank count)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def to_dict(self) -> dict:
         """Plain nested dicts and lists (what YAML and JSON hold)."""

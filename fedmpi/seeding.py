@@ -31,6 +31,7 @@ PURPOSES = {
     "stragglers": 18,
     "dropout": 19,
     "speed": 20,
+    "audit": 21,  # audit canaries (fedmpi.canaries): (what, ...)
 }
 
 

@@ -11,7 +11,9 @@
    omniscient attackers (the attack's ``on_server`` hook, with a
    :class:`fedmpi.attacks.ServerContext`) replace the Byzantine rows, and every
    row is checked: its norm and whether it is finite
-   (:func:`fedmpi.aggregation.norms_and_finite`);
+   (:func:`fedmpi.aggregation.norms_and_finite`); the audit's canary clients, if
+   any, join the arrived rows (:mod:`fedmpi.canaries`; they are aggregated, and
+   left out of the round's records);
 3. aggregate the arrived updates (:func:`build_aggregator`: the rule with its
    pre-aggregation steps, the pre-summed mean of ``transport: reduce``, or
    central DP) over the finite rows; a row with a NaN or infinite value is left
@@ -43,6 +45,7 @@ recorded, one line naming it and what to check, and exit status
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -52,6 +55,7 @@ import numpy as np
 from . import attacks, extensions, seeding
 from .aggregation import norms_and_finite
 from .algorithms import ALGORITHMS, state_path
+from .canaries import ClientCanaries, ExampleCanaries
 from .client_state import ClientStateStore
 from .data import FederatedData
 from .extensions import ExtensionFailed
@@ -75,6 +79,13 @@ def sample_cohort(cfg: Config, round_index: int) -> np.ndarray:
     if c.sampling == "poisson":
         return np.flatnonzero(g.random(c.total) < c.per_round / c.total).astype(np.int64)
     return np.sort(g.choice(c.total, size=c.per_round, replace=False)).astype(np.int64)
+
+
+def without_canaries(result: Aggregate, slots: int) -> Aggregate:
+    """The aggregator's per-slot decision for the round's first ``slots`` slots: the
+    canary clients rank 0 appended after them (:mod:`fedmpi.canaries`) left out."""
+    clipped = result.clipped[:slots] if result.clipped is not None else None
+    return dataclasses.replace(result, selected=result.selected[:slots], scores=result.scores[:slots], clipped=clipped)
 
 
 def build_aggregator(cfg: Config, size: int, clients=None):
@@ -176,6 +187,12 @@ class ServerLoop:
         if self.attack.triggered_test is not None and data.x_test is not None:
             self.triggered = self.attack.triggered_test(data.x_test, data.y_test, self.attack_params)
         self.accountant = RunAccountant(cfg) if cfg.privacy.mode != "none" else None
+        # audit canaries (fedmpi.canaries); the weights here are the run's initial ones, also on resume
+        audit = cfg.audit
+        self.example_canaries = ExampleCanaries(cfg, data, model.size) if audit.canaries.count else None
+        self.initial_weights = weights.copy() if self.example_canaries is not None else None
+        self.client_canaries = (ClientCanaries(cfg, weights, data.client_sizes()) if audit.client_canaries.count
+                                else None)
         self.last_accuracy = np.nan
         self.diverged: str | None = None  # what went non-finite in the last round
         self.stop_signal: str | None = None  # set by a signal handler: checkpoint and stop after this round
@@ -189,6 +206,8 @@ class ServerLoop:
             parts["accountant"] = self.accountant.state()
         if self.attack_state:
             parts["attack"] = self.attack_state
+        if self.client_canaries is not None:
+            parts["audit"] = self.client_canaries.state
         return parts
 
     def state(self) -> dict[str, np.ndarray]:
@@ -205,6 +224,23 @@ class ServerLoop:
             value[...] = state[f"attack/{key}"]
         if self.accountant is not None:
             self.accountant.load_state({k.split("/", 1)[1]: v for k, v in state.items() if k.startswith("accountant/")})
+        if self.client_canaries is not None:
+            for key, value in self.client_canaries.state.items():
+                value[...] = state[f"audit/{key}"]
+
+    def audit_specs(self) -> dict:
+        """The /audit datasets this run's canaries fill (created with the results file)."""
+        specs = {}
+        for canaries in (self.example_canaries, self.client_canaries):
+            if canaries is not None:
+                specs.update(canaries.specs())
+        return specs
+
+    def write_audit_definitions(self) -> None:
+        """The canaries and the audits' parameters, written as the run (or a resumed session) starts."""
+        for canaries in (self.example_canaries, self.client_canaries):
+            if canaries is not None:
+                canaries.write_definition(self.writer)
 
     def load_client_state(self, path: str, slot: int) -> None:
         """The clients' state from checkpoint slot ``slot`` of the results file ``path``."""
@@ -259,12 +295,18 @@ class ServerLoop:
         cohort = sample_cohort(self.cfg, r)
         updates, arrived = self.collect(r, cohort)
         clock.lap("collect")
-        result = self.aggregator(arrived, r)
+        aggregated = self.client_canaries.insert(r, arrived) if self.client_canaries is not None else arrived
+        result = self.aggregator(aggregated, r)
+        if aggregated is not arrived:
+            result = without_canaries(result, len(arrived.cohort))
         if arrived is not updates:
             result = result.for_slots(~updates.dropped)
+        before = self.weights.copy() if self.client_canaries is not None else None
         if result.skipped is None:
             self.optimizer.step(self.weights, result.vector)
             self.algorithm.after_round(arrived, r)
+            if self.client_canaries is not None:
+                self.client_canaries.observe(self.weights.astype(np.float64) - before)
         privacy = self.account(updates)
         self.diverged = self.divergence(arrived)
         clock.lap("aggregate")
@@ -413,11 +455,18 @@ class ServerLoop:
             print(progress_line(vars(row), cfg.rounds), flush=True)
 
     def final_privacy(self) -> dict:
+        """The final epsilon, and the audits of the run's canaries (written to /audit), printed on one line."""
         if self.accountant is None:
             return {}
         eps, eps_median, used = self.accountant.final()
         p = self.cfg.privacy
+        audits = []
+        if self.example_canaries is not None:
+            audits.append(self.example_canaries.finish(self.initial_weights, self.weights, self.model, self.writer))
+        if self.client_canaries is not None:
+            audits.append(self.client_canaries.finish(self.weights, self.writer))
         if not self.quiet:
             print(f"privacy: epsilon {eps:.4g} (median over clients {eps_median:.4g}) at delta {p.delta:g}, "
-                  f"{used.upper()} accountant, noise multiplier {p.noise_multiplier:.4g}", flush=True)
+                  f"{used.upper()} accountant, noise multiplier {p.noise_multiplier:.4g}"
+                  + "".join(f"; {text}" for text in audits), flush=True)
         return {"epsilon": eps, "epsilon_median": eps_median, "accountant": used}

@@ -10,7 +10,9 @@ client's key (seed, "shuffle", round, client id). With sample-level DP
 each example included with probability q = B / n, and every step is a DP-SGD
 step (Abadi et al. 2016): per-example gradients clipped to C, summed, noise
 N(0, sigma^2 C^2) from the key (seed, "dp_noise", round, client id), divided by
-the expected batch size q n.
+the expected batch size q n. Audit canaries the client holds (:mod:`fedmpi.canaries`)
+are sampled in each step with the same rate q and join the clipped sum before the
+noise.
 
 What the algorithm adds to every step's gradient (:mod:`fedmpi.algorithms`):
 FedProx's proximal gradient mu (w - w_global), and SCAFFOLD's correction
@@ -42,6 +44,7 @@ from .algorithms import prox_mu
 from .models import FlatModel
 from .privacy.accounting import dp_schedule
 from .privacy.dpsgd import PerExampleGradients
+from .privacy.hooks import noise_scale
 from .schema import Config
 
 
@@ -68,6 +71,8 @@ class LocalTrainer:
             self.per_example = PerExampleGradients(model.module)
             self.grad_views = [p.grad for p in model.module.parameters()]
             self.noise_cpu = torch.empty(model.size, dtype=torch.float32)
+            self.noise_scale = noise_scale()  # 1.0 unless a test injects a bug (fedmpi.privacy.hooks)
+        self.canary_grad: torch.Tensor | None = None  # input canaries' clipped gradients, when a run has them
 
     def _batches(self, n: int, gen: torch.Generator):
         t = self.cfg.train
@@ -82,6 +87,24 @@ class LocalTrainer:
                 idx = order[start:start + t.batch_size]
                 yield idx, len(idx)
 
+    def _add_canaries(self, canaries, rate: float) -> None:
+        """Audit canaries (:class:`fedmpi.canaries.CanaryShare`) that this step samples, each
+        with the client's rate: their clipped gradients join the clipped per-example sum."""
+        picked = canaries.sample(rate)
+        if not len(picked):
+            return
+        grad, device, clip = self.model.grad, self.model.device, self.cfg.privacy.max_grad_norm
+        if canaries.coordinates is not None:  # dirac: +C on the canary's own coordinate
+            grad[torch.from_numpy(canaries.coordinates[picked]).to(device)] += clip
+            return
+        if self.canary_grad is None:
+            self.canary_grad = torch.zeros_like(grad)
+            self.canary_views = [self.canary_grad[s.offset:s.offset + s.numel].view(s.shape) for s in self.model.specs]
+        xc = torch.from_numpy(canaries.x[picked]).to(device)
+        yc = torch.from_numpy(canaries.y[picked]).to(device)
+        self.per_example.compute(xc, yc, F.cross_entropy, clip, self.canary_views)
+        grad.add_(self.canary_grad)
+
     def full_steps(self, num_samples: int) -> int:
         """Local steps of a client holding ``num_samples``, without a limit."""
         t = self.cfg.train
@@ -93,17 +116,19 @@ class LocalTrainer:
 
     def train(self, global_weights: np.ndarray, x: np.ndarray, y: np.ndarray, round_index: int,
               client_id: int, out: np.ndarray, max_steps: int | None = None,
-              correction: np.ndarray | None = None) -> ClientResult:
+              correction: np.ndarray | None = None, canaries=None) -> ClientResult:
         """Train one client from ``global_weights``; write its update into ``out``. At most
         ``max_steps`` steps; ``correction``: a constant added to every step's gradient
         (SCAFFOLD's c - c_i). The model is in train mode, torch's global generator
-        (dropout) keyed by the client."""
+        (dropout) keyed by the client. ``canaries``: the audit canaries the client holds
+        this round (DP-SGD only, :mod:`fedmpi.canaries`), or None."""
         self.model.module.train()
         with client_torch_rng(self.cfg.seed, round_index, client_id, self.model.device):
-            return self._train(global_weights, x, y, round_index, client_id, out, max_steps, correction)
+            return self._train(global_weights, x, y, round_index, client_id, out, max_steps, correction, canaries)
 
     def _train(self, global_weights: np.ndarray, x: np.ndarray, y: np.ndarray, round_index: int,
-               client_id: int, out: np.ndarray, max_steps: int | None, correction: np.ndarray | None) -> ClientResult:
+               client_id: int, out: np.ndarray, max_steps: int | None, correction: np.ndarray | None,
+               canaries=None) -> ClientResult:
         t, p = self.cfg.train, self.cfg.privacy
         model, flat, grad = self.model.module, self.model.flat, self.model.grad
         self.model.set_weights(global_weights)
@@ -117,6 +142,9 @@ class LocalTrainer:
         if self.dp:
             noise_gen = torch.Generator().manual_seed(seeding.torch_seed(self.cfg.seed, "dp_noise", round_index, client_id))
             noise_std = p.noise_multiplier * p.max_grad_norm
+            if self.noise_scale != 1.0:
+                noise_std *= self.noise_scale
+            rate = dp_schedule(n, t.batch_size, t.epochs)[0]
         buf = self.momentum_buffer
         if self.mu:
             anchor = torch.from_numpy(global_weights).to(device)
@@ -134,6 +162,8 @@ class LocalTrainer:
                 else:
                     grad.zero_()
                     batch_loss = 0.0
+                if canaries is not None:
+                    self._add_canaries(canaries, rate)
                 # drawn on the CPU whatever the device: the same noise on CPU and GPU
                 torch.randn(grad.shape, generator=noise_gen, out=self.noise_cpu)
                 grad.add_(self.noise_cpu.to(device, non_blocking=True), alpha=noise_std)

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import attacks, devices, extensions
 from .aggregation import norms_and_finite
+from .canaries import ExampleCanaries
 from .data import FederatedData
 from .models import FlatModel
 from .privacy.client_level import privatise_update
@@ -46,6 +47,7 @@ class ClientHost:
         self.attack = extensions.attack(a.name)
         self.byzantine = set(attacks.byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients).tolist())
         self.attack_params = attacks.resolved_params(cfg, data, self.attack)
+        self.canaries = ExampleCanaries(cfg, data, model.size) if cfg.audit.canaries.count else None
 
     def train_slots(self, round_index: int, client_ids: np.ndarray, weights: np.ndarray,
                     rows: np.ndarray, records: np.ndarray, draws: devices.CohortDraws | None = None,
@@ -72,8 +74,9 @@ class ClientHost:
             if byzantine and attack.on_data is not None:
                 x, y = attack.on_data(x, y, self.data.num_classes, self.attack_params,
                                       attacks.client_rng(cfg.seed, round_index, cid))
+            share = self.canaries.share(round_index, cid) if self.canaries is not None else None
             result = self.trainer.train(weights, x, y, round_index, cid, rows[i], max_steps,
-                                        corrections[i] if corrections is not None else None)
+                                        corrections[i] if corrections is not None else None, canaries=share)
             clipped_fraction = result.clipped_fraction
             if byzantine and attack.on_update is not None:  # a Byzantine client sends what it likes, DP or not
                 with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are its to send; rank 0 checks

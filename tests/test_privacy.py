@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from dp_accounting import dp_event, pld, rdp
+from dp_accounting import NeighboringRelation, dp_event, pld, rdp
 
 from fedmpi.config import from_mapping
 from fedmpi.models import FlatModel, LastStep, LSTMLayer, TokenEmbedding, build_model
@@ -182,13 +182,38 @@ def test_client_update_clipping():
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
 def test_epsilon_equals_a_direct_library_call(accountant):
     ours = accounting.epsilon(1.1, 0.02, 500, 1e-5, accountant)
-    acc = rdp.RdpAccountant(list(accounting.RDP_ORDERS)) if accountant == "rdp" else pld.PLDAccountant()
+    acc = rdp.RdpAccountant() if accountant == "rdp" else pld.PLDAccountant()  # the library's default orders
     acc.compose(dp_event.PoissonSampledDpEvent(0.02, dp_event.GaussianDpEvent(1.1)), 500)
     assert ours == acc.get_epsilon(1e-5)
-    # and the integer orders stay close to the library's default order set
-    default = rdp.RdpAccountant()
-    default.compose(dp_event.PoissonSampledDpEvent(0.02, dp_event.GaussianDpEvent(1.1)), 500)
-    assert ours == pytest.approx(default.get_epsilon(1e-5), rel=0.2)
+
+
+def test_rdp_orders_are_the_librarys_default_grid():
+    from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
+
+    assert list(accounting.RDP_ORDERS) == list(DEFAULT_RDP_ORDERS)
+
+
+@pytest.mark.parametrize("q, sigma, steps, expected", [(0.001, 0.5, 1000, 4.38), (0.001, 0.8, 10, 1.03)])
+def test_rdp_epsilon_is_what_opacus_and_dp_accounting_report(q, sigma, steps, expected):
+    # Both libraries give these (issue 13); the integer orders 2..256 gave 4.96 and 1.21.
+    assert accounting.epsilon(sigma, q, steps, 1e-5) == pytest.approx(expected, abs=0.005)
+    assert accounting.epsilon(sigma, q, steps, 1e-5, "rdp", accounting.BRACKET_ORDERS) > 1.13 * expected
+
+
+@pytest.mark.parametrize("steps", [1, 7, 180, 181, 5000])
+def test_cached_per_step_rdp_equals_fresh_compositions(steps):
+    # the per-step vector is computed once per event; every step count matches a fresh accountant bit for bit
+    for event, ours in (
+        (dp_event.PoissonSampledDpEvent(0.11, dp_event.GaussianDpEvent(1.0)), accounting.epsilon(1.0, 0.11, steps, 1e-5)),
+        (dp_event.SampledWithoutReplacementDpEvent(40, 10, dp_event.GaussianDpEvent(0.4)),
+         accounting.epsilon_without_replacement(0.8, 40, 10, steps, 1e-5)),
+        (dp_event.GaussianDpEvent(1.5), accounting.epsilon_local(3.0, steps, 1e-5)),
+    ):
+        relation = (NeighboringRelation.ADD_OR_REMOVE_ONE if isinstance(event, dp_event.PoissonSampledDpEvent)
+                    else NeighboringRelation.REPLACE_ONE)
+        acc = rdp.RdpAccountant(neighboring_relation=relation)
+        acc.compose(event, steps)
+        assert ours == acc.get_epsilon(1e-5)
 
 
 def test_epsilon_grows_with_steps_and_shrinks_with_noise():

@@ -15,6 +15,7 @@ import numpy as np
 from .. import seeding
 from ..aggregation import AggregationResult, clip, clip_factors, weighted_sum
 from ..rounds import Aggregate, Updates, finite_rows
+from .hooks import noise_scale
 
 
 def clip_update(update: np.ndarray, clip_norm: float) -> bool:
@@ -32,6 +33,9 @@ def privatise_update(update: np.ndarray, clip_norm: float, noise_multiplier: flo
     client's key (seed, "dp_noise", round, client id). Returns whether it was clipped."""
     clipped = clip_update(update, clip_norm)
     noise = seeding.rng(seed, "dp_noise", round_index, client_id).standard_normal(update.size)
+    scale = noise_scale()
+    if scale != 1.0:  # a test's injected bug (fedmpi.privacy.hooks)
+        noise_multiplier = noise_multiplier * scale
     update += (noise_multiplier * clip_norm * noise).astype(np.float32)
     return clipped
 
@@ -48,6 +52,9 @@ class CentralDP:
     def __init__(self, cfg, size: int):
         self.cfg, self.size = cfg, size
         self.state: dict[str, np.ndarray] = {}
+        self.noise_multiplier = cfg.privacy.noise_multiplier
+        if noise_scale() != 1.0:  # a test's injected bug (fedmpi.privacy.hooks)
+            self.noise_multiplier *= noise_scale()
 
     def __call__(self, updates: Updates, round_index: int) -> Aggregate:
         p, k, kept = self.cfg.privacy, len(updates.cohort), updates.kept
@@ -56,7 +63,7 @@ class CentralDP:
         clipped[kept] = [clip_update(row, p.max_grad_norm) for row in rows]
         total = weighted_sum(rows, np.ones(len(rows))) if len(rows) else np.zeros(self.size)
         noise = seeding.rng(self.cfg.seed, "server_noise", round_index).standard_normal(self.size)
-        vector = (total + p.noise_multiplier * p.max_grad_norm * noise) / self.cfg.clients.per_round
+        vector = (total + self.noise_multiplier * p.max_grad_norm * noise) / self.cfg.clients.per_round
         selected = np.zeros(k, dtype=bool)
         selected[kept] = True
         scores = np.full(k, np.inf)
