@@ -51,6 +51,8 @@ class FederatedData:
     ``client(cid)`` returns that client's (x, y) training arrays. For index-based
     datasets the rows live in ``x_train`` and ``client_indices[cid]`` selects them;
     ``synthetic`` generates each client's data from its key when first asked.
+    A membership audit trains on a keyed part of every client's data
+    (:func:`fedmpi.membership.restrict`); ``full`` then holds the data before it.
     """
 
     input_shape: tuple
@@ -65,6 +67,7 @@ class FederatedData:
     norm_mean: np.ndarray | None = None  # data.normalize = standard: per-channel training mean
     norm_std: np.ndarray | None = None
     _cache: dict = field(default_factory=dict, repr=False)
+    full: FederatedData | None = field(default=None, repr=False)  # a membership audit's split: the data before it
 
     def client(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
         if self.generate is not None:

@@ -15,7 +15,10 @@ One round, message by message::
     reduce: records                     <-Gatherv--
             sum_i n_i update_i (d,)     <-Reduce---  float64, my slots pre-summed
 
-A STOP header carries the exit status every rank then ends with. Which slots a
+A STOP header carries the exit status every rank then ends with. A RUN
+header (membership audit only) switches the workers to another federation:
+run 0 is the audited run, runs 1..N its shadow federations
+(:mod:`fedmpi.leakage_audit`); the rounds that follow train that run's clients. Which slots a
 rank trains depends on the world size, but what a client computes does not
 (its randomness is keyed by seed, round and client id), so the gathered (K, d)
 array is the same for any number of ranks.
@@ -40,7 +43,7 @@ EXIT_BAD_INPUT = 2  # config, data, results file or budget refused before any wo
 EXIT_FINISHED = 3  # python -m fedmpi.sweep --args: the entry has finished, nothing to run
 EXIT_CHECKPOINTED = 75  # SIGTERM / SIGUSR1: checkpoint written, continue with --resume (job scripts requeue)
 
-CMD_STOP, CMD_ROUND = 0, 1
+CMD_STOP, CMD_ROUND, CMD_RUN = 0, 1, 2
 
 # One float64 row per cohort slot, sent by the rank that trained it.
 RECORD_FIELDS = ("num_samples", "train_loss", "steps", "train_s", "clipped_fraction", "update_norm")
@@ -73,6 +76,7 @@ class RoundOrder:
     cohort: np.ndarray | None = None
     weights: np.ndarray | None = None
     counts: list | None = None
+    run: int | None = None  # a RUN order: the federation whose clients the next rounds train
 
 
 class RoundMessages:
@@ -101,11 +105,18 @@ class RoundMessages:
         self.header[:] = (CMD_STOP, status, 0)
         self.comm.bcast_idle(self.header)
 
+    def send_run(self, run: int) -> None:
+        """Rank 0: the rounds that follow train the clients of federation ``run``."""
+        self.header[:] = (CMD_RUN, run, 0)
+        self.comm.bcast_idle(self.header)
+
     def receive_round(self) -> RoundOrder:
         """A worker: the next order (asleep until it comes)."""
         self.comm.bcast_idle(self.header)
         if self.header[0] == CMD_STOP:
             return RoundOrder(stop=True, status=int(self.header[1]))
+        if self.header[0] == CMD_RUN:
+            return RoundOrder(False, run=int(self.header[1]))
         round_index, cohort_size = int(self.header[1]), int(self.header[2])
         cohort = np.empty(cohort_size, dtype=np.int64)
         self.comm.bcast(cohort)

@@ -233,19 +233,37 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
     weights = init_weights(module, cfg.seed).copy() if comm.rank == 0 else None
     model = FlatModel(module, choose_device(cfg, comm))
     reduce = cfg.transport == "reduce"
+    host = ClientHost(cfg, data, model) if comm.rank != 0 or comm.size == 1 else None
+    host_for = None
+    if cfg.audit.membership.level != "none":  # RUN orders switch between the audited run and its shadows
+        from .leakage_audit import shadow_config, shadow_data
+
+        shadow_hosts: list = []
+
+        def host_for(run: int) -> ClientHost:
+            while shadow_hosts:
+                shadow_hosts.pop().close()
+            if run:
+                shadow_hosts.append(ClientHost(shadow_config(cfg, run), shadow_data(cfg, data, run), model))
+            return shadow_hosts[-1] if run else host
     if comm.rank != 0:
         # rank 0 decides when to stop (after a checkpoint) and tells the workers
         _on_stop_signals(lambda name: None)
-        return serve(RoundMessages(comm, model.size, reduce), ClientHost(cfg, data, model)) == EXIT_CHECKPOINTED
+        return serve(RoundMessages(comm, model.size, reduce), host, host_for) == EXIT_CHECKPOINTED
 
     from .results import ResultsWriter, read_checkpoint
     from .server import ServerLoop
 
     if comm.size == 1:
-        clients = LocalClients(ClientHost(cfg, data, model), model.size, reduce)
+        clients = LocalClients(host, model.size, reduce, host_for)
     else:
         clients = RemoteClients(RoundMessages(comm, model.size, reduce))
     loop = ServerLoop(cfg, clients, data, model, weights, writer=None, quiet=quiet)
+    audit = None
+    if cfg.audit.inversion.method != "none" or cfg.audit.membership.level != "none":
+        from .leakage_audit import LeakageAudit
+
+        audit = LeakageAudit(cfg, data, lambda: build_model(cfg.model, data.input_shape, data.num_classes), model.size)
     _on_stop_signals(lambda name: setattr(loop, "stop_signal", name))
     specs = [{"name": s.name, "shape": list(s.shape), "offset": s.offset, "numel": s.numel} for s in layout(module)]
     attrs = _run_attrs(cfg, data, rank_hosts or [socket.gethostname()])
@@ -266,11 +284,15 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
             print(f"resuming {resume_path} {where}", flush=True)
     writer = ResultsWriter(path, config_yaml=config_yaml, world_size=comm.size, seed=cfg.seed, layout=specs,
                            overwrite=cfg.output.overwrite or bool(resume_path), snapshot_every=cfg.output.snapshot_every,
-                           attrs=attrs, state_spec=loop.state_spec(), history=history)
+                           attrs=attrs, state_spec=loop.state_spec(), history=history,
+                           extra=audit.specs() if audit is not None else None)
     if resume_path:
         os.replace(path, resume_path)  # the old file stays whole until its copy is complete
         writer.path = resume_path
     loop.writer = writer
+    if audit is not None:
+        audit.start(writer)
+        loop.leakage = audit
     try:
         return not loop.run(start_round)
     finally:

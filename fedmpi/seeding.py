@@ -22,6 +22,9 @@ PURPOSES = {
     "attack": 9,
     "server_noise": 10,
     "bucketing": 11,
+    "inversion": 12,
+    "membership": 13,
+    "shadow": 14,
 }
 
 

@@ -13,10 +13,12 @@
 4. step the server optimizer;
 5. account privacy;
 6. evaluate (every ``eval.every`` rounds and after the last);
-7. record: append the round to the HDF5 file (flushed), print one line.
+7. record: append the round to the HDF5 file (flushed), print one line;
+8. leakage audits (``audit.inversion``), outside the round's clock.
 
-After the last round the workers are told to stop and the final model is
-written. A checkpoint (weights, server optimizer, aggregator and accountant
+After the last round the membership audit (``audit.membership``) trains its
+shadow federations through the same clients, then the workers are told to stop
+and the final model is written. A checkpoint (weights, server optimizer, aggregator and accountant
 state: everything else is keyed by seed and round) is written every
 ``output.checkpoint_every`` rounds, at the end, and after the round in which
 SIGTERM or SIGUSR1 arrived; the run then stops and ``--resume`` continues it
@@ -113,6 +115,7 @@ class ServerLoop:
         self.accountant = RunAccountant(cfg) if cfg.privacy.mode != "none" else None
         self.last_accuracy = np.nan
         self.stop_signal: str | None = None  # set by a signal handler: checkpoint and stop after this round
+        self.leakage = None  # fedmpi.leakage_audit.LeakageAudit when the config has audit.inversion / audit.membership
 
     # ---- state a checkpoint holds (everything else is keyed by seed and round)
 
@@ -148,24 +151,36 @@ class ServerLoop:
             if self.stop_signal is not None or (every and (r + 1) % every == 0 and r + 1 < self.cfg.rounds):
                 self.writer.checkpoint(r, self.weights, self.state())
             if self.stop_signal is not None and r + 1 < self.cfg.rounds:
-                self.clients.stop(EXIT_CHECKPOINTED)  # every rank ends with this status
-                print(f"fedmpi: {self.stop_signal} received; checkpoint after round {r + 1} written to "
-                      f"{self.writer.path}; continue with: python -m fedmpi.run --resume {self.writer.path}",
-                      file=sys.stderr, flush=True)
-                return False
+                return self.stop_checkpointed(r)
+        if self.leakage is not None and not self.leakage.after_run(self):  # membership audit: shadow federations
+            return self.stop_checkpointed(self.cfg.rounds - 1)
         self.clients.stop(EXIT_OK)
         self.writer.checkpoint(self.cfg.rounds - 1, self.weights, self.state())  # lets --resume extend the run
-        self.writer.finish(self.cfg.rounds - 1, self.weights, self.final_privacy())
+        privacy = self.final_privacy()
+        self.writer.finish(self.cfg.rounds - 1, self.weights, privacy)
+        if self.leakage is not None and not self.quiet:
+            for line in self.leakage.summary_lines(privacy):
+                print(line, flush=True)
         if not self.quiet:
             print(f"done: {self.cfg.rounds - start_round} rounds in {time.perf_counter() - run_start:.1f} s; "
                   f"final test accuracy {self.last_accuracy:.4f}; results in {self.writer.path}", flush=True)
         return True
 
+    def stop_checkpointed(self, r: int) -> bool:
+        """After a signal: every rank ends with EXIT_CHECKPOINTED (the checkpoint after round r is written)."""
+        self.clients.stop(EXIT_CHECKPOINTED)
+        print(f"fedmpi: {self.stop_signal} received; checkpoint after round {r + 1} written to "
+              f"{self.writer.path}; continue with: python -m fedmpi.run --resume {self.writer.path}",
+              file=sys.stderr, flush=True)
+        return False
+
     def run_round(self, r: int) -> None:
-        """One round: sample, collect, aggregate, step, account, evaluate, record."""
+        """One round: sample, collect, aggregate, step, account, evaluate, record; then the
+        leakage audits of the round (outside its clock)."""
         clock = Stopwatch()
         cohort = sample_cohort(self.cfg, r)
         updates = self.collect(r, cohort)
+        observed = self.leakage.observe(r, updates, self.weights) if self.leakage is not None else None
         clock.lap("collect")
         result = self.aggregator(updates, r)
         self.optimizer.step(self.weights, result.vector)
@@ -174,6 +189,14 @@ class ServerLoop:
         evaluation = self.evaluate(r)
         clock.lap("eval")
         self.record(r, updates, result, privacy, evaluation, clock)
+        if self.leakage is not None:
+            self.leakage.after_round(r, observed, self.weights)
+
+    def train_round(self, r: int) -> None:
+        """A round without accounting, evaluation or records: sample, collect, aggregate,
+        step (the membership audit's shadow federations)."""
+        updates = self.collect(r, sample_cohort(self.cfg, r))
+        self.optimizer.step(self.weights, self.aggregator(updates, r).vector)
 
     # ---- the steps
 
@@ -211,7 +234,9 @@ class ServerLoop:
         dp = p.mode != "none"
         offsets = np.cumsum([0] + updates.counts)
         train_s = max(updates.record("train_s")[offsets[i]:offsets[i + 1]].sum() for i in range(len(updates.counts)))
-        train_loss = float(np.average(updates.record("train_loss"), weights=samples)) if samples.sum() else np.nan
+        trained = samples > 0  # a client without examples (e.g. a membership audit's split) has no loss
+        train_loss = (float(np.average(updates.record("train_loss")[trained], weights=samples[trained])) if samples.sum()
+                      else np.nan)
         if p.mode == "sample":
             seen = samples * steps
             clipped_round = float(np.average(clipped, weights=seen)) if seen.sum() else np.nan

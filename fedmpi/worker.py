@@ -40,6 +40,11 @@ class ClientHost:
         self.byzantine = set(attacks.byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients).tolist())
         self.attack_params = attacks.resolved_params(a.name, a.params, cfg.clients.per_round)
 
+    def close(self) -> None:
+        """Detach what this host attached to the shared model (DP-SGD's forward hooks)."""
+        if self.trainer.dp:
+            self.trainer.per_example.remove()
+
     def train_slots(self, round_index: int, client_ids: np.ndarray, weights: np.ndarray,
                     rows: np.ndarray, records: np.ndarray) -> None:
         """Train ``client_ids`` in order; row i of ``rows``/``records`` belongs to client_ids[i]."""
@@ -70,10 +75,15 @@ class ClientHost:
 
 
 class LocalClients:
-    """One process: rank 0 trains the whole cohort itself."""
+    """One process: rank 0 trains the whole cohort itself. ``host_for(run)``: the host of
+    another federation (membership audit's shadows)."""
 
-    def __init__(self, host: ClientHost, size: int, reduce: bool):
-        self.host, self.size, self.reduce = host, size, reduce
+    def __init__(self, host: ClientHost, size: int, reduce: bool, host_for=None):
+        self.host, self.size, self.reduce, self.host_for = host, size, reduce, host_for
+
+    def switch(self, run: int) -> None:
+        """The rounds that follow train the clients of federation ``run`` (0: the audited run)."""
+        self.host = self.host_for(run)
 
     def collect(self, round_index: int, cohort: np.ndarray, weights: np.ndarray) -> Updates:
         k = len(cohort)
@@ -99,19 +109,27 @@ class RemoteClients:
         rows, total, records, counts = self.messages.receive_updates(len(cohort))
         return Updates(cohort, records, counts, rows=rows, total=total)
 
+    def switch(self, run: int) -> None:
+        """The rounds that follow train the clients of federation ``run`` (0: the audited run)."""
+        self.messages.send_run(run)
+
     def stop(self, status: int) -> None:
         self.messages.send_stop(status)
 
 
-def serve(messages: RoundMessages, host: ClientHost) -> int:
+def serve(messages: RoundMessages, host: ClientHost, host_for=None) -> int:
     """A worker: train this rank's slots of every round until STOP; return the exit
-    status rank 0 sent with it."""
+    status rank 0 sent with it. ``host_for(run)``: the host of another federation, for
+    RUN orders (membership audit's shadows)."""
     rank, size = messages.comm.rank, messages.size
     rows = np.empty((0, size), dtype=np.float32)
     while True:
         order = messages.receive_round()
         if order.stop:
             return order.status
+        if order.run is not None:
+            host = host_for(order.run)
+            continue
         start = sum(order.counts[:rank])
         mine = order.cohort[start:start + order.counts[rank]]
         if rows.shape[0] != len(mine):

@@ -69,6 +69,11 @@ CONFIG_CASES = {
                                   "transport = 'reduce'", "aggregator.name = median needs every row"),
     "normalizing synthetic data": (["--set", "data.name=synthetic", "--set", "data.normalize=standard"],
                                    "data.normalize = 'standard'", "allowed: none"),
+    "inversion of large shards": (["--set", "audit.inversion.method=dlg"], "audit.inversion.max_examples = 8",
+                                  "clients hold up to 90 examples"),
+    "analytic inversion of a batch": (["--set", "audit.inversion.method=analytic", "--set", "clients.total=700",
+                                       "--set", "audit.inversion.max_examples=4"],
+                                      "audit.inversion.method = 'analytic'", "clients hold up to 3 examples"),
 }
 
 
