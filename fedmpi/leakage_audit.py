@@ -245,13 +245,13 @@ class MembershipAudit:
         sizes = self.full.client_sizes()
         self.client_of_example = np.repeat(np.arange(len(sizes)), sizes)
         self.clients = len(sizes)
-        target = membership.target_keep(cfg.seed, sizes, self.m.level)
+        # at client level the draws do not depend on the sizes: one unit per client, even an empty one
+        self.unit_sizes = sizes if self.m.level == "example" else np.ones(self.clients, dtype=np.int64)
+        self.member = np.concatenate(membership.target_keep(cfg.seed, self.unit_sizes, self.m.level))
         if self.m.level == "example":
-            self.member = np.concatenate(target) if len(target) else np.zeros(0, bool)
             self.unit_client = self.client_of_example
             self.unit_example = np.concatenate([np.arange(n) for n in sizes])
         else:
-            self.member = np.array([bool(k[0]) if len(k) else False for k in target])
             self.unit_client = np.arange(self.clients)
             self.unit_example = np.full(self.clients, -1)
         self.units = len(self.member)
@@ -339,8 +339,7 @@ class MembershipAudit:
         for i, r in enumerate(self.eval_rounds):
             target_loss[i], target_phi[i] = self.scores(loop.model, target_weights[int(np.flatnonzero(stored == r)[-1])])
         shadow_phi = np.empty((m.shadows, e, self.units))
-        keeps = membership.shadow_keep(cfg.seed, self.full.client_sizes(), m.level, m.shadows)
-        shadow_in = np.concatenate(keeps, axis=1) if m.level == "example" else np.stack([k[:, 0] for k in keeps], axis=1)
+        shadow_in = np.concatenate(membership.shadow_keep(cfg.seed, self.unit_sizes, m.level, m.shadows), axis=1)
         for s in range(1, m.shadows + 1):
             began = time.perf_counter()
             loop.clients.switch(s)

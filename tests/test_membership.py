@@ -130,3 +130,32 @@ def test_audit_config_errors_name_the_key(overrides, message):
         from_mapping(overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_client_level_audit_scores_each_client_by_its_examples():
+    """At client level a unit is a client: its loss is the mean cross-entropy over its full shard,
+    computed here with torch directly; membership and the shadows' splits are per client."""
+    import torch
+    import torch.nn.functional as F
+
+    from fedmpi.leakage_audit import MembershipAudit
+    from fedmpi.models import FlatModel, build_model, init_weights
+
+    cfg = from_mapping({"clients": {"total": 6, "per_round": 6}, "model": {"hidden": [8]},
+                        "audit": {"membership": {"level": "client", "shadows": 4, "every": 2}}, "rounds": 5})
+    full = load(cfg, need_test=False)
+    data = membership.restrict(full, membership.target_keep(cfg.seed, full.client_sizes(), "client"))
+    build = lambda: build_model(cfg.model, full.input_shape, full.num_classes)  # noqa: E731
+    audit = MembershipAudit(cfg, data, build, 0)
+    assert audit.units == 6 and audit.eval_rounds == [1, 3, 4]
+    assert audit.member.tolist() == [n > 0 for n in data.client_sizes()]
+    module = build()
+    weights = init_weights(module, 3)
+    loss, phi = audit.scores(FlatModel(build()), weights)
+    with torch.no_grad():
+        for c in range(6):
+            x, y = full.client(c)
+            logits = module(torch.from_numpy(x)).double()
+            assert loss[c] == pytest.approx(float(F.cross_entropy(logits, torch.from_numpy(y))), rel=1e-6)
+            p = logits.softmax(1)[torch.arange(len(y)), torch.from_numpy(y)]
+            assert phi[c] == pytest.approx(float(torch.log(p / (1 - p)).mean()), rel=1e-5)

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fedmpi.analyze import read_leakage  # noqa: E402
-from fedmpi.results import load  # noqa: E402
+from fedmpi.results import load, open_results  # noqa: E402
 
 ATTACKS = ("loss_threshold", "lira_offline", "lira_online")
 
@@ -69,7 +69,7 @@ def methods(results: Path) -> None:
                      f"{n['mse_max']:.1e}", f"{n['ssim']:.4f}", f"{n['labels']:.2f}", f"{n['reference']:.1f}",
                      f"{n['seconds']:.1f}"])
     if rows:
-        print("\nMethods, no DP, 8 one-digit updates each (paper settings):\n")
+        print("\nMethods, no DP, one-digit updates (paper settings):\n")
         print(table(["method", "PSNR dB (min)", "max MSE", "SSIM", "labels right", "mean image dB", "s / update"], rows))
 
 
@@ -86,7 +86,7 @@ def noise(results: Path, images: Path) -> None:
         reference.append(n["reference"])
     levels = sorted({z for points in curves.values() for z, *_ in points})
     rows = [[mode] + [f"{p:.1f}" for _, p, _, _ in sorted(points)] for mode, points in curves.items()]
-    print("\nReconstruction PSNR (dB, mean of 8 updates) against the noise multiplier, clip 1; "
+    print("\nReconstruction PSNR (dB, mean over the attacked updates) against the noise multiplier, clip 1; "
           f"the mean image scores {np.mean(reference):.1f} dB:\n")
     print(table(["mode"] + [f"{z:g}" for z in levels], rows))
     import matplotlib
@@ -135,7 +135,7 @@ def steps(results: Path) -> None:
         n = inversion_numbers(leak)
         by_method.setdefault(overrides["audit.inversion.method"], {})[overrides["train.epochs"]] = n["psnr"]
     epochs = sorted({e for values in by_method.values() for e in values})
-    print("\nLocal steps on one digit (PSNR dB, mean of 8 updates, 200 iterations):\n")
+    print("\nLocal steps on one digit (PSNR dB, mean over the attacked updates, 200 iterations):\n")
     print(table(["method"] + [f"{e} step(s)" for e in epochs],
                 [[m] + [f"{values[e]:.1f}" for e in epochs] for m, values in by_method.items()]))
 
@@ -195,11 +195,43 @@ def membership(results: Path, images: Path) -> None:
         ax.set_xticks(xs, [f"{t:g}" for t in finite] + (["no DP"] if math.inf in summary else []))
         ax.set(xlabel="epsilon (DP-SGD, delta 1e-5)", ylabel=label)
         ax.legend(fontsize=7)
-    fig.suptitle("Membership inference on an overfit federation (digits, 180 examples, 2 clients), 3 seeds", fontsize=9)
+    fig.suptitle("Membership inference on an overfit federation (digits, 180 examples, 2 clients), mean and std "
+                 "over seeds", fontsize=9)
     path = images / "leakage_membership_epsilon.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     print(f"\nwrote {path}")
+
+
+def membership_client(results: Path) -> None:
+    found = runs(results / "leakage-membership-client")
+    if not found:
+        return
+    rows = []
+    for overrides, leak, run in sorted(found, key=lambda f: f[0]["privacy.noise_multiplier"]):
+        mem = leak["membership"]
+        rows.append([f"{overrides['privacy.noise_multiplier']:g}", f"{run.privacy.get('epsilon', math.inf):.3g}",
+                     f"{float(run.rounds['test_accuracy'].iloc[-1]):.3f}", int(mem["member"].sum()),
+                     " / ".join(f"{v:.3f}" for v in mem["auc"][-1]), " / ".join(f"{v:.3f}" for v in mem["tpr_at_fpr_0.01"][-1]),
+                     " / ".join(f"{v:.3f}" for v in mem["advantage"][-1])])
+    print("\nClient-level membership, 32 clients, central DP-FedAvg (loss threshold / LiRA offline / LiRA online):\n")
+    print(table(["z", "epsilon", "test acc", "member clients", "AUC", "TPR at 1% FPR", "advantage"], rows))
+
+
+def run_time(results: Path) -> None:
+    """Seconds each sweep's runs took (the sum of /run/wall_s, file creation to the end of each run)."""
+    print("\nRun time per sweep (sum of /run/wall_s over its runs):\n")
+    rows = []
+    for name in ("leakage-methods", "leakage-noise", "leakage-batch", "leakage-steps", "leakage-membership",
+                 "leakage-membership-dp", "leakage-membership-client"):
+        found = runs(results / name)
+        if found:
+            total = 0.0
+            for _, _, run in found:
+                with open_results(run.path) as f:
+                    total += float(f["run/wall_s"][()])
+            rows.append([name, len(found), f"{total:.0f}"])
+    print(table(["sweep", "runs", "seconds"], rows))
 
 
 def main(argv: list | None = None) -> int:
@@ -214,6 +246,8 @@ def main(argv: list | None = None) -> int:
     batch(results)
     steps(results)
     membership(results, images)
+    membership_client(results)
+    run_time(results)
     return 0
 
 
