@@ -16,11 +16,12 @@ global model (after the run, and every ``every`` rounds) with the
 loss-threshold attack (Yeom et al. 2018) and LiRA offline and online (Carlini
 et al. 2022), from :mod:`fedmpi.membership`. Design:
 
-- the audited run trains on a keyed half of the data: every example
-  (``level: example``) or every client (``level: client``) is in with
-  probability 1/2, drawn from (seed, "membership", 0, ...) before any training
-  (:func:`fedmpi.preflight.preflight`), so members and non-members come from
-  the same distribution and the target is trained exactly as its shadows are;
+- the audited run trains on a keyed half of the data: half of every client's
+  examples of each class (``level: example``) or half of the clients
+  (``level: client``), drawn from (seed, "membership", 0, ...) before any
+  training (:func:`fedmpi.preflight.preflight`, :func:`fedmpi.membership.target_keep`),
+  so members and non-members come from the same distribution and the target is
+  trained as its shadows are;
 - after the last round, rank 0 drives ``shadows`` further federations through
   the same clients interface, so shadow training uses every rank: a RUN order
   (:mod:`fedmpi.protocol`) tells the workers to train the clients of shadow s,
@@ -100,8 +101,8 @@ class InversionAudit:
 
     def specs(self) -> dict[str, DatasetSpec]:
         m, shape = self.examples, self.shape
-        per_image = f"(attacked slot, example): {m} columns, NaN past the slot's num_examples; matched to truth by " \
-                    "minimum-cost assignment"
+        per_image = (f"(attacked slot, example): {m} columns, NaN past the slot's num_examples; matched to truth by "
+                     "minimum-cost assignment")
         specs = {
             "mean_image": DatasetSpec(shape, "f4", "mean training image on the [0, 1] scale: the 'nothing leaked' guess"),
             "round": DatasetSpec((0,), "i8", "round of each attacked slot", growable=True),
@@ -245,9 +246,14 @@ class MembershipAudit:
         sizes = self.full.client_sizes()
         self.client_of_example = np.repeat(np.arange(len(sizes)), sizes)
         self.clients = len(sizes)
-        # at client level the draws do not depend on the sizes: one unit per client, even an empty one
-        self.unit_sizes = sizes if self.m.level == "example" else np.ones(self.clients, dtype=np.int64)
-        self.member = np.concatenate(membership.target_keep(cfg.seed, self.unit_sizes, self.m.level))
+        # at client level the draws depend only on the number of clients: one unit per client, even an empty one
+        if self.m.level == "example":
+            self.unit_sizes = sizes
+            labels = [self.full.client(c)[1] for c in range(self.clients)]
+        else:
+            self.unit_sizes = np.ones(self.clients, dtype=np.int64)
+            labels = [np.zeros(1, dtype=np.int64)] * self.clients
+        self.member = np.concatenate(membership.target_keep(cfg.seed, labels, self.m.level))
         if self.m.level == "example":
             self.unit_client = self.client_of_example
             self.unit_example = np.concatenate([np.arange(n) for n in sizes])

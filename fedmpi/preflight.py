@@ -34,7 +34,7 @@ def preflight(cfg: Config, rank: int, new_file: bool = True) -> FederatedData:
     if m.level != "none":  # the audited run trains on a keyed half of the examples (clients)
         from .membership import restrict, target_keep
 
-        data = restrict(data, target_keep(cfg.seed, data.client_sizes(), m.level))
+        data = restrict(data, target_keep(cfg.seed, [data.client(c)[1] for c in range(data.num_clients)], m.level))
     check_model(cfg, data)
     if cfg.audit.inversion.method != "none":
         check_inversion(cfg, data)

@@ -206,7 +206,7 @@ class MembershipConfig:
     """Membership inference on the global model with shadow federations (docs/privacy.md)."""
 
     level: Literal["none", "example", "client"] = "none"  # none (off) | example: was this example trained on | client
-    shadows: int = 16  # shadow federations trained after the run, each on a keyed half of the examples (clients)
+    shadows: int = 16  # shadow federations trained after the run; every example (client) is in half of them
     every: int = 0  # also attack the global model every k rounds (0: only the final model)
     variance: Literal["global", "per_example"] = "global"  # LiRA: one pooled variance, or one per example (many shadows)
 

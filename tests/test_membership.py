@@ -84,8 +84,16 @@ def test_keyed_splits_are_balanced_and_independent_of_the_shadow_count():
     assert all((k.sum(axis=0) == 3).all() for k in a)  # every example in exactly half of the shadows
     assert all(np.array_equal(x, y) for x, y in zip(a, membership.shadow_keep(7, sizes, "example", 6)))
     assert not all(np.array_equal(x, y) for x, y in zip(a, membership.shadow_keep(8, sizes, "example", 6)))
-    t = membership.target_keep(7, sizes, "example")
-    assert [len(k) for k in t] == sizes.tolist() and 0 < np.concatenate(t).mean() < 1
+    labels = [np.random.default_rng(c).integers(0, 3, n) for c, n in enumerate(sizes)]
+    t = membership.target_keep(7, labels, "example")
+    assert [len(k) for k in t] == sizes.tolist()
+    for y, k in zip(labels, t):  # half of each client's examples of each class (the odd one by a coin)
+        for cls in range(3):
+            n = int((y == cls).sum())
+            assert k[y == cls].sum() in (n // 2, (n + 1) // 2)
+    assert any(not np.array_equal(x, y) for x, y in zip(t, membership.target_keep(8, labels, "example")))
+    clients = membership.target_keep(7, [np.zeros(1)] * 9, "client")
+    assert sum(int(k[0]) for k in clients) in (4, 5)
     c = membership.shadow_keep(7, sizes, "client", 5)
     assert all((k == k[:, :1]).all() for k in c if k.shape[1])  # a client is in or out as a whole
     assert np.stack([k[:, 0] for k in c if k.shape[1]], axis=1).sum(axis=0).tolist() == [2, 2, 2]
@@ -96,7 +104,7 @@ def test_keyed_splits_are_balanced_and_independent_of_the_shadow_count():
 def test_restrict_keeps_a_clients_chosen_examples():
     cfg = from_mapping({"clients": {"total": 5, "per_round": 5}})
     data = load(cfg, need_test=False)
-    keep = membership.target_keep(0, data.client_sizes(), "example")
+    keep = membership.target_keep(0, [data.client(c)[1] for c in range(5)], "example")
     part = membership.restrict(data, keep)
     assert part.full is data and part.client_sizes().tolist() == [int(k.sum()) for k in keep]
     x, y = part.client(2)
@@ -107,7 +115,7 @@ def test_restrict_keeps_a_clients_chosen_examples():
     assert shadow.full is data and shadow.client_sizes().tolist() == data.client_sizes().tolist()
     # generated (synthetic) clients too
     syn = load(from_mapping({"data": {"name": "synthetic"}, "clients": {"total": 3, "per_round": 3}}), need_test=False)
-    keep = membership.target_keep(0, syn.client_sizes(), "client")
+    keep = membership.target_keep(0, [syn.client(c)[1] for c in range(3)], "client")
     part = membership.restrict(syn, keep)
     assert part.client_sizes().tolist() == [n if k.all() else 0 for n, k in zip(syn.client_sizes(), keep)]
 
@@ -144,7 +152,7 @@ def test_client_level_audit_scores_each_client_by_its_examples():
     cfg = from_mapping({"clients": {"total": 6, "per_round": 6}, "model": {"hidden": [8]},
                         "audit": {"membership": {"level": "client", "shadows": 4, "every": 2}}, "rounds": 5})
     full = load(cfg, need_test=False)
-    data = membership.restrict(full, membership.target_keep(cfg.seed, full.client_sizes(), "client"))
+    data = membership.restrict(full, membership.target_keep(cfg.seed, [full.client(c)[1] for c in range(6)], "client"))
     build = lambda: build_model(cfg.model, full.input_shape, full.num_classes)  # noqa: E731
     audit = MembershipAudit(cfg, data, build, 0)
     assert audit.units == 6 and audit.eval_rounds == [1, 3, 4]
