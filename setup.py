@@ -10,6 +10,7 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "fedmpi" / "__init__.py"
 
 MPI = ["mpi4py>=3.1", "mpich"]  # a self-contained MPI from PyPI; clusters build mpi4py against their own MPI
 ANALYSIS = ["pandas>=1.5", "matplotlib>=3.5"]  # python -m fedmpi.analyze, fedmpi.results.load
+TENSORBOARD = ["tensorboard>=2.10"]  # analyze --tensorboard: its event-file writer (brings grpcio, protobuf, werkzeug, markdown)
 
 setup(
     name="fedmpi",
@@ -32,7 +33,8 @@ setup(
     extras_require={
         "mpi": MPI,
         "analysis": ANALYSIS,
-        "test": MPI + ANALYSIS + ["pytest>=7", "scipy"],
+        "tensorboard": ANALYSIS + TENSORBOARD,
+        "test": MPI + ANALYSIS + TENSORBOARD + ["pytest>=7", "scipy"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -14,9 +14,15 @@ Rules
 - :func:`geometric_median`: smoothed Weiszfeld, RFA (Pillutla et al. 2022).
 - :func:`bulyan`: El Mhamdi et al. 2018.
 - :func:`centered_clipping`: Karimireddy et al. 2021.
+- :func:`mda`: minimum diameter averaging (El Mhamdi et al. 2021).
+- :func:`monna`: MoNNA's nearest-neighbour averaging (Farhadkhani et al. 2023).
 
 Pre-aggregation (rows in, rows out): :func:`nnm` (Allouah et al. 2023),
-:func:`bucketing` (Karimireddy et al. 2022), :func:`clip`.
+:func:`bucketing` (Karimireddy et al. 2022), :func:`clip`, :func:`arc` (adaptive
+robust clipping, Allouah et al. 2024).
+
+Every row a run aggregates has passed :func:`norms_and_finite`: a row with a
+non-finite coordinate never reaches a rule (:mod:`fedmpi.rounds`).
 
 :data:`RULES` and :data:`PRE_STEPS` register each rule and step with what the
 run needs to know about it (its paper, the config keys it reads, what it
@@ -143,11 +149,41 @@ def weighted_sum(updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 def row_norms(updates: np.ndarray) -> np.ndarray:
     """L2 norm of each row, accumulated in float64 (1e30-scale rows do not overflow)."""
+    return norms_and_finite(updates)[0]
+
+
+def norms_and_finite(updates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(norms, finite): each row's L2 norm, accumulated in float64, and whether every
+    coordinate of the row is finite, in one pass over the rows by column block.
+
+    Every update a run receives goes through this check (rank 0 for gathered rows,
+    the workers before they pre-sum for ``transport: reduce``). A row holding a NaN
+    has norm NaN, one holding an infinity (and no NaN) norm inf. For float32 (or
+    narrower) rows the float64 sum of squares is finite exactly when every
+    coordinate is: |x| <= 3.4e38 gives x^2 <= 1.2e77, far below float64's overflow,
+    so the finite test costs nothing beyond the norm. Wider rows, whose finite
+    values can overflow when squared, are tested coordinate by coordinate.
+
+    >>> norms_and_finite(np.array([[3.0, 4.0], [np.inf, 0.0], [np.nan, 1.0]], dtype=np.float32))
+    (array([ 5., inf, nan]), array([ True, False, False]))
+    """
     updates = _as_updates(updates)
+    narrow = updates.dtype.itemsize <= 4
+
+    def block_stats(cols, block):
+        with np.errstate(over="ignore", invalid="ignore"):
+            sq = np.einsum("ij,ij->i", block, block)
+        return sq, None if narrow else np.isfinite(block).all(axis=1)
+
     sq = np.zeros(updates.shape[0])
-    for part in _for_blocks(updates, lambda cols, block: np.einsum("ij,ij->i", block, block)):
+    finite = np.ones(updates.shape[0], dtype=bool)
+    for part, ok in _for_blocks(updates, block_stats):
         sq += part
-    return np.sqrt(sq)
+        if ok is not None:
+            finite &= ok
+    if narrow:
+        finite = np.isfinite(sq)
+    return np.sqrt(sq), finite
 
 
 def _worker_threads() -> int:
@@ -195,10 +231,9 @@ def _centered_gram(updates: np.ndarray, rows: np.ndarray | None = None, center: 
     sub = updates if rows is None else updates[rows]
     k = sub.shape[0]
     if center is None:
-        with np.errstate(over="ignore"):
-            center = sub.sum(axis=0, dtype=sub.dtype).astype(np.float64) / k
+        center = mean_row(sub)
         if not np.isfinite(center).all():  # float32 rows near the top of their range overflowed the sum
-            center = sub.sum(axis=0, dtype=np.float64) / k
+            center = mean_row(sub, wide=True)
 
     def block_gram(cols, block):
         block -= center[cols]
@@ -208,6 +243,17 @@ def _centered_gram(updates: np.ndarray, rows: np.ndarray | None = None, center: 
     for part in _for_blocks(sub, block_gram):
         gram += part
     return gram
+
+
+def mean_row(rows: np.ndarray, wide: bool = False) -> np.ndarray:
+    """The mean row, float64, summed row by row in the rows' own precision (in float64
+    when ``wide``); column by column, so any column block of the rows gives the same
+    values for its columns."""
+    k = rows.shape[0]
+    if wide:
+        return rows.sum(axis=0, dtype=np.float64) / k
+    with np.errstate(over="ignore"):
+        return rows.sum(axis=0, dtype=rows.dtype).astype(np.float64) / k
 
 
 def _gram_to_sq_distances(gram: np.ndarray) -> np.ndarray:
@@ -297,6 +343,26 @@ def check_f(name: str, n: int, f: int) -> None:
         raise ValueError(f"{name} needs {entry.requirement}; got n = {n}, f = {f}")
 
 
+def unmet_requirement(aggregator: Any, n: int, f: int, rule: Rule | None = None,
+                      steps: list | None = None) -> str | None:
+    """Why the pre-aggregation steps and then the rule of ``aggregator`` (the
+    ``aggregator`` config section: ``name``, ``pre``, ``m``...) cannot run on n rows
+    of which f may be Byzantine; None when they can. The registry entries say what each
+    needs (``rule``, ``steps``: the entries, given for user code; default: the
+    built-in ones by name); config validation (n: the cohort size) and the round (n:
+    the finite rows it received) both ask here."""
+    steps = steps if steps is not None else [PRE_STEPS[step.name] for step in aggregator.pre]
+    for step, entry in zip(aggregator.pre, steps):
+        if entry.min_rows is not None and n < entry.min_rows(f):
+            return f"{step.name} needs {entry.requirement} (rows reaching it: {n})"
+        n = entry.rows_after(n, step)
+    entry = rule if rule is not None else RULES[aggregator.name]
+    if entry.min_rows is not None and n < entry.min_rows(f):
+        return (f"{aggregator.name} needs {entry.requirement or 'more rows'}; got n = {n}, f = {f} "
+                "(n: rows per round reaching the aggregator)")
+    return entry.limit(n, f, aggregator) if entry.limit is not None else None
+
+
 # --------------------------------------------------------------------------- rules
 
 
@@ -341,6 +407,10 @@ def krum(updates: np.ndarray, f: int) -> AggregationResult:
     return AggregationResult(updates[best].astype(np.float64), selected=np.array([best]), scores=scores)
 
 
+def _multi_krum_limit(n: int, m: int | None) -> str | None:
+    return None if m is None or m <= n else f"multi_krum averages m = {m} rows; got n = {n}"
+
+
 def multi_krum(updates: np.ndarray, f: int, m: int | None = None) -> AggregationResult:
     """Multi-Krum (Blanchard et al. 2017): the mean of the m rows with the best
     Krum scores (default m = n - f); ties by lowest index. Needs n >= 2f + 3."""
@@ -359,7 +429,7 @@ def multi_krum(updates: np.ndarray, f: int, m: int | None = None) -> Aggregation
 
 def _coordinatewise(updates: np.ndarray, keep_lo: int, keep_hi: int) -> tuple[np.ndarray, np.ndarray]:
     """Per coordinate, sort the n values and average positions keep_lo..keep_hi-1.
-    Also return, per row, the fraction of coordinates where its value was kept."""
+    Also return, per row, the number of coordinates where its value was kept."""
     n, d = updates.shape
     out = np.empty(d)
 
@@ -371,7 +441,7 @@ def _coordinatewise(updates: np.ndarray, keep_lo: int, keep_hi: int) -> tuple[np
     kept = np.zeros(n)
     for part in _for_blocks(updates, block_stats):
         kept += part
-    return out, kept / d
+    return out, kept
 
 
 def median(updates: np.ndarray) -> AggregationResult:
@@ -381,7 +451,7 @@ def median(updates: np.ndarray) -> AggregationResult:
     n = updates.shape[0]
     lo, hi = (n - 1) // 2, n // 2 + 1
     vector, kept = _coordinatewise(updates, lo, hi)
-    return AggregationResult(vector, selected=np.flatnonzero(kept > 0), scores=kept)
+    return AggregationResult(vector, selected=np.flatnonzero(kept > 0), scores=kept / updates.shape[1])
 
 
 def trimmed_mean(updates: np.ndarray, f: int) -> AggregationResult:
@@ -392,7 +462,7 @@ def trimmed_mean(updates: np.ndarray, f: int) -> AggregationResult:
     n = updates.shape[0]
     check_f("trimmed_mean", n, f)
     vector, kept = _coordinatewise(updates, f, n - f)
-    return AggregationResult(vector, selected=np.flatnonzero(kept > 0), scores=kept)
+    return AggregationResult(vector, selected=np.flatnonzero(kept > 0), scores=kept / updates.shape[1])
 
 
 def meamed(updates: np.ndarray, f: int) -> AggregationResult:
@@ -409,18 +479,27 @@ def meamed(updates: np.ndarray, f: int) -> AggregationResult:
     updates = _as_updates(updates)
     n, d = updates.shape
     check_f("meamed", n, f)
+    vector, kept = closest_to_median(updates, n - f)
+    kept /= d
+    return AggregationResult(vector, selected=np.flatnonzero(kept > 0), scores=kept)
+
+
+def closest_to_median(updates: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per coordinate, the mean of the ``keep`` values closest to the coordinate's median
+    (ties to the lowest row), in float64; and per row, the number of coordinates where
+    its value was among them. Column by column: a column block gives its columns' values."""
+    n, d = updates.shape
     out = np.empty(d)
 
     def block_mean(cols, block):
-        order = np.argsort(np.abs(block - np.median(block, axis=0)), axis=0, kind="stable")[: n - f]
+        order = np.argsort(np.abs(block - np.median(block, axis=0)), axis=0, kind="stable")[:keep]
         out[cols] = np.take_along_axis(block, order, axis=0).mean(axis=0)
         return np.bincount(order.ravel(), minlength=n)
 
     kept = np.zeros(n)
     for part in _for_blocks(updates, block_mean):
         kept += part
-    kept /= d
-    return AggregationResult(out, selected=np.flatnonzero(kept > 0), scores=kept)
+    return out, kept
 
 
 def geometric_median(updates: np.ndarray, weights: np.ndarray | None = None, *, smoothing: float = 1e-6,
@@ -444,41 +523,64 @@ def geometric_median(updates: np.ndarray, weights: np.ndarray | None = None, *, 
     updates = _as_updates(updates)
     n, d = updates.shape
     w = _normalised_weights(weights, n)
-    alpha = w.copy()
-    iterations, converged, recenters = 0, False, 0
+    run = Weiszfeld(w, d, smoothing, tol, max_iter)
     center = None
-    while True:
-        gram = _centered_gram(updates, center=center)
+    while not run.iterate(_centered_gram(updates, center=center)):
+        center = weighted_sum(updates, run.alpha)
+    return AggregationResult(weighted_sum(updates, run.alpha), **run.outcome())
+
+
+class Weiszfeld:
+    """The smoothed Weiszfeld iterations of :func:`geometric_median` on the iterate's
+    weights ``alpha`` over the rows, given Gram matrices of the rows centered at some
+    point; the caller computes each Gram matrix (over the whole rows, or combined from
+    column blocks) and the new center, the weighted sum of the rows by ``alpha``."""
+
+    def __init__(self, w: np.ndarray, d: int, smoothing: float, tol: float, max_iter: int):
+        self.w, self.d, self.smoothing, self.tol, self.max_iter = w, d, smoothing, tol, max_iter
+        self.alpha = w.copy()
+        self.iterations, self.converged, self.recenters = 0, False, 0
+        self.dist = None
+
+    def iterate(self, gram: np.ndarray) -> bool:
+        """Iterate on ``gram``; True when done, False when the Gram matrix must be rebuilt
+        around the current iterate (``alpha``) first."""
+        w, smoothing = self.w, self.smoothing
         diag = np.diag(gram)
 
-        def sq_distances(a: np.ndarray, gram: np.ndarray = gram, diag: np.ndarray = diag) -> np.ndarray:
+        def sq_distances(a: np.ndarray) -> np.ndarray:
             ga = gram @ a
             return np.maximum(a @ ga - 2.0 * ga + diag, 0.0)
 
+        alpha = self.alpha
         dist = np.sqrt(sq_distances(alpha))
-        converged = False
-        while iterations < max_iter:
-            iterations += 1
+        self.converged = False
+        while self.iterations < self.max_iter:
+            self.iterations += 1
             beta = w / np.maximum(smoothing, dist)
             new_alpha = beta / beta.sum()
             step = new_alpha - alpha
             moved = math.sqrt(max(float(step @ (gram @ step)), 0.0))  # |v_new - v_old|
             alpha = new_alpha
             dist = np.sqrt(sq_distances(alpha))
-            if moved <= tol * float(np.median(dist)):
-                converged = True
+            if moved <= self.tol * float(np.median(dist)):
+                self.converged = True
                 break
+        self.alpha, self.dist = alpha, dist
         # digits left in each |v - x_j|^2 after cancelling terms of size G_jj and a^T G a
         spread = diag + float(alpha @ (gram @ alpha))
-        lost = dist ** 2 < _RECENTER_RTOL * math.sqrt(d) * spread
-        if not lost[alpha > 0].any() or recenters == 3 or iterations >= max_iter:
-            break
-        center = weighted_sum(updates, alpha)
-        recenters += 1
-    beta = w / np.maximum(smoothing, dist)
-    return AggregationResult(weighted_sum(updates, alpha), selected=np.flatnonzero(alpha > 0), scores=beta / beta.sum(),
-                             info={"iterations": iterations, "converged": converged, "objective": float(w @ dist),
-                                   "recenters": recenters})
+        lost = dist ** 2 < _RECENTER_RTOL * math.sqrt(self.d) * spread
+        if not lost[alpha > 0].any() or self.recenters == 3 or self.iterations >= self.max_iter:
+            return True
+        self.recenters += 1
+        return False
+
+    def outcome(self) -> dict:
+        """``selected``, ``scores`` and ``info`` of the result."""
+        beta = self.w / np.maximum(self.smoothing, self.dist)
+        return {"selected": np.flatnonzero(self.alpha > 0), "scores": beta / beta.sum(),
+                "info": {"iterations": self.iterations, "converged": self.converged,
+                         "objective": float(self.w @ self.dist), "recenters": self.recenters}}
 
 
 def bulyan(updates: np.ndarray, f: int) -> AggregationResult:
@@ -494,25 +596,24 @@ def bulyan(updates: np.ndarray, f: int) -> AggregationResult:
     n = updates.shape[0]
     check_f("bulyan", n, f)
     dist = pairwise_sq_distances(updates)
-    theta, beta = n - 2 * f, n - 4 * f
+    chosen = bulyan_selection(dist, f)
+    out = closest_to_median(updates[chosen], n - 4 * f)[0]
+    return AggregationResult(out, selected=chosen, scores=krum_scores(dist, f))
+
+
+def bulyan_selection(dist: np.ndarray, f: int) -> np.ndarray:
+    """Bulyan's step 1 on the (n, n) squared distances: theta = n - 2f rows, each the
+    Krum choice among the rows not yet selected; sorted."""
+    n = len(dist)
     remaining = list(range(n))
     chosen = []
-    for _ in range(theta):
+    for _ in range(n - 2 * f):
         sub = dist[np.ix_(remaining, remaining)]
         scores = krum_scores(sub, f)
         pick = remaining[int(_rank(scores)[0])]
         chosen.append(pick)
         remaining.remove(pick)
-    chosen = np.sort(np.array(chosen))
-    selected_rows = updates[chosen]
-    out = np.empty(updates.shape[1])
-
-    def closest_to_median(cols, block):
-        order = np.argsort(np.abs(block - np.median(block, axis=0)), axis=0, kind="stable")[:beta]
-        out[cols] = np.take_along_axis(block, order, axis=0).mean(axis=0)
-
-    _for_blocks(selected_rows, closest_to_median)
-    return AggregationResult(out, selected=chosen, scores=krum_scores(dist, f))
+    return np.sort(np.array(chosen))
 
 
 def centered_clipping(updates: np.ndarray, tau: float, iterations: int = 1,
@@ -525,6 +626,16 @@ def centered_clipping(updates: np.ndarray, tau: float, iterations: int = 1,
     """
     updates = _as_updates(updates)
     n, d = updates.shape
+    v = clipping_start(tau, iterations, center, d)
+    factors = np.ones(n)
+    for _ in range(iterations):
+        factors = np.minimum(1.0, tau / np.maximum(np.sqrt(sq_to_center(updates, v)), np.finfo(float).tiny))
+        v = v + clipped_step(updates, v, factors)
+    return AggregationResult(v, selected=_all_rows(n), scores=factors)
+
+
+def clipping_start(tau: float, iterations: int, center: np.ndarray | None, d: int) -> np.ndarray:
+    """Centered clipping's checks, and its starting point (float64 (d,): ``center``, or zeros)."""
     if tau <= 0:
         raise ValueError(f"centered_clipping needs tau > 0, got {tau}")
     if iterations < 1:
@@ -532,21 +643,27 @@ def centered_clipping(updates: np.ndarray, tau: float, iterations: int = 1,
     v = np.zeros(d) if center is None else np.array(center, dtype=np.float64)
     if v.shape != (d,):
         raise ValueError(f"center must have shape ({d},), got {v.shape}")
-    factors = np.ones(n)
-    for _ in range(iterations):
-        sq = np.zeros(n)
-        for part in _for_blocks(updates, lambda cols, block, v=v: np.einsum("ij,ij->i", block - v[cols], block - v[cols])):
-            sq += part
-        factors = np.minimum(1.0, tau / np.maximum(np.sqrt(sq), np.finfo(float).tiny))
-        step = np.empty(d)
+    return v
 
-        def clipped_step(cols, block, v=v, factors=factors, step=step):
-            block -= v[cols]
-            step[cols] = factors @ block / n
 
-        _for_blocks(updates, clipped_step)
-        v = v + step
-    return AggregationResult(v, selected=_all_rows(n), scores=factors)
+def sq_to_center(updates: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """(n,) float64 |x_i - v|^2, summed by column block in order."""
+    sq = np.zeros(updates.shape[0])
+    for part in _for_blocks(updates, lambda cols, block: np.einsum("ij,ij->i", block - v[cols], block - v[cols])):
+        sq += part
+    return sq
+
+
+def clipped_step(updates: np.ndarray, v: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """(d,) float64 mean_i (x_i - v) * factors[i]: centered clipping's step."""
+    step = np.empty(updates.shape[1])
+
+    def block_step(cols, block):
+        block -= v[cols]
+        step[cols] = factors @ block / len(factors)
+
+    _for_blocks(updates, block_step)
+    return step
 
 
 # --------------------------------------------------------------------------- pre-aggregation
@@ -557,8 +674,13 @@ def nnm_neighbours(updates: np.ndarray, f: int) -> np.ndarray:
     updates = _as_updates(updates)
     n = updates.shape[0]
     check_f("nnm", n, f)
-    dist = pairwise_sq_distances(updates)
-    return np.stack([np.sort(_rank(dist[i])[: n - f]) for i in range(n)])
+    return nearest_rows(pairwise_sq_distances(updates), n - f)
+
+
+def nearest_rows(dist: np.ndarray, keep: int) -> np.ndarray:
+    """(n, keep) indices: for each row of the (n, n) squared distances, its ``keep``
+    nearest rows (itself included), ties by index, sorted."""
+    return np.stack([np.sort(_rank(dist[i])[:keep]) for i in range(len(dist))])
 
 
 def average_groups(updates: np.ndarray, groups: list) -> np.ndarray:
@@ -618,104 +740,7 @@ def clip(updates: np.ndarray, max_norm: float) -> np.ndarray:
     return out
 
 
-# --------------------------------------------------------------------------- pre-aggregation as steps
-
-
-@dataclass
-class Regrouped:
-    """What a pre-aggregation step did to the rows: the new rows; for steps that mix
-    rows, ``groups[r]`` lists the input rows averaged into new row r; ``row_of[i]``
-    is the new row that stands for input row i (None: the same index)."""
-
-    rows: np.ndarray
-    groups: list | None = None
-    row_of: np.ndarray | None = None
-
-
-def nnm_step(updates: np.ndarray, f: int) -> Regrouped:
-    groups = list(nnm_neighbours(updates, f))
-    return Regrouped(average_groups(updates, groups), groups)
-
-
-def bucketing_step(updates: np.ndarray, bucket_size: int, rng: np.random.Generator) -> Regrouped:
-    groups = bucket_assignment(len(updates), bucket_size, rng)
-    position = np.empty(len(updates), dtype=np.int64)
-    for b, group in enumerate(groups):
-        position[group] = b
-    return Regrouped(average_groups(updates, groups), groups, position)
-
-
-def clip_step(updates: np.ndarray, max_norm: float) -> Regrouped:
-    return Regrouped(clip(updates, max_norm))
-
-
-# --------------------------------------------------------------------------- registries
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A robust aggregation rule as the run uses it.
-
-    ``function(rows, **kwargs)`` returns an :class:`AggregationResult`; ``reads`` names
-    its keyword arguments: ``weights`` (client sample counts), ``f``, ``aggregator.*``
-    keys, and the names of the state it keeps. ``min_rows(f)`` / ``requirement``: the
-    rows it needs. ``init_state(d)`` / ``next_state(result)``: state kept between rounds
-    (checkpointed). ``needs_rows``: False only where a pre-summed weighted total is
-    enough (``transport: reduce``). ``memory(n, d, f)``: bytes it allocates beyond
-    the rows, for rank 0's memory estimate.
-    """
-
-    function: Callable[..., AggregationResult]
-    paper: str
-    reads: tuple[str, ...] = ()
-    min_rows: Callable[[int], int] | None = None
-    requirement: str = ""
-    init_state: Callable[[int], dict] | None = None
-    next_state: Callable[[AggregationResult], dict] | None = None
-    needs_rows: bool = True
-    memory: Callable[[int, int, int], int] = lambda n, d, f: 0
-
-
-@dataclass(frozen=True)
-class PreStep:
-    """A pre-aggregation step: ``function(rows, **kwargs)`` returns :class:`Regrouped`;
-    ``reads``: ``f``, ``rng`` (keyed by seed, round and step) and ``aggregator.pre[i].*``
-    keys; ``rows_after(n, step)``: rows it hands on; it allocates a float64 copy of them."""
-
-    function: Callable[..., Regrouped]
-    paper: str
-    reads: tuple[str, ...] = ()
-    rows_after: Callable[[int, Any], int] = lambda n, step: n
-    min_rows: Callable[[int], int] | None = None
-    requirement: str = ""
-
-
-RULES: dict[str, Rule] = {
-    "fedavg": Rule(fedavg, "McMahan et al. 2017", reads=("weights",), needs_rows=False),
-    "krum": Rule(krum, "Blanchard et al. 2017", reads=("f",), min_rows=lambda f: 2 * f + 3, requirement="n >= 2f + 3"),
-    "multi_krum": Rule(multi_krum, "Blanchard et al. 2017", reads=("f", "m"), min_rows=lambda f: 2 * f + 3,
-                       requirement="n >= 2f + 3"),
-    "median": Rule(median, "Yin et al. 2018"),
-    "trimmed_mean": Rule(trimmed_mean, "Yin et al. 2018", reads=("f",), min_rows=lambda f: 2 * f + 1, requirement="2f < n"),
-    "meamed": Rule(meamed, "Xie et al. 2018 (mean around median)", reads=("f",), min_rows=lambda f: 2 * f + 1,
-                   requirement="2f < n"),
-    "geometric_median": Rule(geometric_median, "Pillutla et al. 2022 (RFA)", reads=("weights", "smoothing", "tol", "max_iter")),
-    "bulyan": Rule(bulyan, "El Mhamdi et al. 2018", reads=("f",), min_rows=lambda f: 4 * f + 3, requirement="n >= 4f + 3",
-                   memory=lambda n, d, f: max(0, n - 2 * f) * d * 4),
-    "centered_clipping": Rule(centered_clipping, "Karimireddy et al. 2021", reads=("tau", "iterations", "center"),
-                              init_state=lambda d: {"center": np.zeros(d)},
-                              next_state=lambda result: {"center": result.vector.copy()}),
-}
-
-PRE_STEPS: dict[str, PreStep] = {
-    "nnm": PreStep(nnm_step, "Allouah et al. 2023", reads=("f",), min_rows=lambda f: f + 1, requirement="f < n"),
-    "bucketing": PreStep(bucketing_step, "Karimireddy et al. 2022", reads=("bucket_size", "rng"),
-                         rows_after=lambda n, step: math.ceil(n / step.bucket_size)),
-    "clip": PreStep(clip_step, "static norm clipping", reads=("max_norm",)),
-}
-
-
-# =========================================================================== extra rules
+# --------------------------------------------------------------------------- MDA, MoNNA, ARC
 # Minimum Diameter Averaging, MoNNA and Adaptive Robust Clipping. Same conventions as
 # the rules above: (n, d) rows in, never modified, float64 distances, ties by lowest
 # index, ValueError on an invalid f.
@@ -729,20 +754,13 @@ MDA_MAX_SUBSETS = 500_000
 _MDA_BATCH = 1 << 13
 
 
-def check_f_extra(rule: str, n: int, f: int) -> None:
-    """Like :func:`check_f`, for the rules of this section (mda, monna, arc), which
-    all need an honest majority: 2f < n."""
-    check_f(rule, n, f)
-    if rule in ("mda", "monna", "arc") and n < 2 * f + 1:
-        raise ValueError(f"{rule} needs 2f < n; got n = {n}, f = {f}")
-
-
-def _finite_rows(updates: np.ndarray) -> np.ndarray:
-    """(n,) bool: whether every coordinate of the row is finite (one pass, by column block)."""
-    ok = np.ones(updates.shape[0], dtype=bool)
-    for part in _for_blocks(updates, lambda cols, block: np.isfinite(block).all(axis=1)):
-        ok &= part
-    return ok
+def _mda_limit(n: int, f: int, aggregator: Any = None) -> str | None:
+    """Why a run refuses MDA on n rows with f: more than MDA_MAX_SUBSETS subsets."""
+    subsets = math.comb(n, f)
+    if subsets <= MDA_MAX_SUBSETS:
+        return None
+    return (f"mda searches C(n, f) = C({n}, {f}) = {subsets} subsets, more than its bound of {MDA_MAX_SUBSETS} "
+            "(about one second a round); lower aggregator.f or clients.per_round")
 
 
 def _sq_distances_finite(updates: np.ndarray) -> np.ndarray:
@@ -750,7 +768,7 @@ def _sq_distances_finite(updates: np.ndarray) -> np.ndarray:
     +inf away from every other row (0 from itself) instead of turning every distance
     into NaN through the shared mean row."""
     n = updates.shape[0]
-    ok = _finite_rows(updates)
+    ok = norms_and_finite(updates)[1]
     if ok.all():
         return pairwise_sq_distances(updates)
     dist = np.full((n, n), np.inf)
@@ -832,12 +850,22 @@ def mda(updates: np.ndarray, f: int, max_subsets: int = MDA_MAX_SUBSETS) -> Aggr
     """
     updates = _as_updates(updates)
     n = updates.shape[0]
-    check_f_extra("mda", n, f)
+    check_f("mda", n, f)
     subsets = math.comb(n, f)
     if subsets > max_subsets:
         raise ValueError(f"mda: C(n, f) = C({n}, {f}) = {subsets} subsets of n - f = {n - f} rows to search, "
                          f"more than the bound max_subsets = {max_subsets} (MDA_MAX_SUBSETS)")
-    sq = _sq_distances_finite(updates)
+    chosen, best_rows, best, ties = mda_search(_sq_distances_finite(updates), f)
+    return AggregationResult(_mean_of(updates, chosen), selected=chosen, scores=np.sqrt(best_rows),
+                             info={"diameter": math.sqrt(best), "subsets": subsets, "ties": ties})
+
+
+def mda_search(sq: np.ndarray, f: int) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """MDA's exhaustive search on the (n, n) squared distances (+inf for a non-finite
+    row): (the chosen n - f rows, per row the smallest squared diameter of a subset
+    containing it, the chosen squared diameter, the subsets tied with it)."""
+    n = len(sq)
+    subsets = math.comb(n, f)
     keep = n - f
     iu = np.triu_indices(n, 1)
     pair_sq = sq[iu]
@@ -874,8 +902,7 @@ def mda(updates: np.ndarray, f: int, max_subsets: int = MDA_MAX_SUBSETS) -> Aggr
     masks = np.concatenate([c[1] for c in candidates])
     tied = (diam <= best * (1.0 + _TIE_RTOL)) | (diam == best)
     chosen = np.flatnonzero(masks[tied][_lexicographic_first(masks[tied])])
-    return AggregationResult(_mean_of(updates, chosen), selected=chosen, scores=np.sqrt(best_rows),
-                             info={"diameter": math.sqrt(best), "subsets": subsets, "ties": int(tied.sum())})
+    return chosen, best_rows, best, int(tied.sum())
 
 
 def sq_distances_to(updates: np.ndarray, point: np.ndarray) -> np.ndarray:
@@ -933,7 +960,7 @@ def monna(updates: np.ndarray, f: int, pivot: int | np.ndarray | None = None) ->
     """
     updates = _as_updates(updates)
     n, d = updates.shape
-    check_f_extra("monna", n, f)
+    check_f("monna", n, f)
     pivot_row = None
     if pivot is None:
         kind, point = "median", median(updates).vector
@@ -959,6 +986,22 @@ def arc_count(n: int, f: int) -> int:
     return (2 * f * (n - f)) // n
 
 
+def arc_factors(norms: np.ndarray, f: int) -> np.ndarray:
+    """ARC's per-row scaling factors from the rows' norms: the k = arc_count(n, f) largest
+    scaled to the (k+1)-th largest norm, the others 1."""
+    n = len(norms)
+    k = arc_count(n, f)
+    factors = np.ones(n)
+    if k:
+        key = np.where(np.isnan(norms), np.inf, norms)
+        order = np.lexsort((np.arange(n), -key))  # largest norm first, ties by lowest index
+        threshold = float(norms[order[k]])
+        top = order[:k]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            factors[top] = np.where(norms[top] > threshold, threshold / norms[top], 1.0)
+    return factors
+
+
 def arc(updates: np.ndarray, f: int) -> np.ndarray:
     """Adaptive Robust Clipping (Allouah, Guerraoui, Gupta, Jellouli, Rizk and
     Stephan, "Boosting Robustness by Clipping Gradients in Distributed Learning",
@@ -981,17 +1024,8 @@ def arc(updates: np.ndarray, f: int) -> np.ndarray:
     """
     updates = _as_updates(updates)
     n = updates.shape[0]
-    check_f_extra("arc", n, f)
-    k = arc_count(n, f)
-    norms = row_norms(updates)
-    factors = np.ones(n)
-    if k:
-        key = np.where(np.isnan(norms), np.inf, norms)
-        order = np.lexsort((np.arange(n), -key))  # largest norm first, ties by lowest index
-        threshold = float(norms[order[k]])
-        top = order[:k]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            factors[top] = np.where(norms[top] > threshold, threshold / norms[top], 1.0)
+    check_f("arc", n, f)
+    factors = arc_factors(row_norms(updates), f)
     out = np.empty(updates.shape)
 
     def scale_block(cols, block):
@@ -1000,3 +1034,113 @@ def arc(updates: np.ndarray, f: int) -> np.ndarray:
 
     _for_blocks(updates, scale_block)
     return out
+
+
+# --------------------------------------------------------------------------- pre-aggregation as steps
+
+
+@dataclass
+class Regrouped:
+    """What a pre-aggregation step did to the rows: the new rows; for steps that mix
+    rows, ``groups[r]`` lists the input rows averaged into new row r; ``row_of[i]``
+    is the new row that stands for input row i (None: the same index)."""
+
+    rows: np.ndarray
+    groups: list | None = None
+    row_of: np.ndarray | None = None
+
+
+def nnm_step(updates: np.ndarray, f: int) -> Regrouped:
+    groups = list(nnm_neighbours(updates, f))
+    return Regrouped(average_groups(updates, groups), groups)
+
+
+def bucketing_step(updates: np.ndarray, bucket_size: int, rng: np.random.Generator) -> Regrouped:
+    groups = bucket_assignment(len(updates), bucket_size, rng)
+    position = np.empty(len(updates), dtype=np.int64)
+    for b, group in enumerate(groups):
+        position[group] = b
+    return Regrouped(average_groups(updates, groups), groups, position)
+
+
+def clip_step(updates: np.ndarray, max_norm: float) -> Regrouped:
+    return Regrouped(clip(updates, max_norm))
+
+
+def arc_step(updates: np.ndarray, f: int) -> Regrouped:
+    return Regrouped(arc(updates, f))
+
+
+# --------------------------------------------------------------------------- registries
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A robust aggregation rule as the run uses it.
+
+    ``function(rows, **kwargs)`` returns an :class:`AggregationResult`; ``reads`` names
+    its keyword arguments: ``weights`` (client sample counts), ``f``, ``aggregator.*``
+    keys, and the names of the state it keeps. ``min_rows(f)`` / ``requirement``: the
+    rows it needs. ``init_state(d)`` / ``next_state(result)``: state kept between rounds
+    (checkpointed). ``needs_rows``: False only where a pre-summed weighted total is
+    enough (``transport: reduce``). ``memory(n, d, f)``: bytes it allocates beyond
+    the rows, for rank 0's memory estimate. ``limit(n, f, aggregator)``: why it refuses
+    n rows with f beyond ``min_rows`` (MDA's subset count, Multi-Krum's m), or None.
+    """
+
+    function: Callable[..., AggregationResult]
+    paper: str
+    reads: tuple[str, ...] = ()
+    min_rows: Callable[[int], int] | None = None
+    requirement: str = ""
+    init_state: Callable[[int], dict] | None = None
+    next_state: Callable[[AggregationResult], dict] | None = None
+    needs_rows: bool = True
+    memory: Callable[[int, int, int], int] = lambda n, d, f: 0
+    limit: Callable[[int, int, Any], str | None] | None = None
+
+
+@dataclass(frozen=True)
+class PreStep:
+    """A pre-aggregation step: ``function(rows, **kwargs)`` returns :class:`Regrouped`;
+    ``reads``: ``f``, ``rng`` (keyed by seed, round and step) and ``aggregator.pre[i].*``
+    keys; ``rows_after(n, step)``: rows it hands on; it allocates a float64 copy of them."""
+
+    function: Callable[..., Regrouped]
+    paper: str
+    reads: tuple[str, ...] = ()
+    rows_after: Callable[[int, Any], int] = lambda n, step: n
+    min_rows: Callable[[int], int] | None = None
+    requirement: str = ""
+
+
+RULES: dict[str, Rule] = {
+    "fedavg": Rule(fedavg, "McMahan et al. 2017", reads=("weights",), needs_rows=False),
+    "krum": Rule(krum, "Blanchard et al. 2017", reads=("f",), min_rows=lambda f: 2 * f + 3, requirement="n >= 2f + 3"),
+    "multi_krum": Rule(multi_krum, "Blanchard et al. 2017", reads=("f", "m"), min_rows=lambda f: 2 * f + 3,
+                       requirement="n >= 2f + 3", limit=lambda n, f, g: _multi_krum_limit(n, g.m)),
+    "median": Rule(median, "Yin et al. 2018"),
+    "trimmed_mean": Rule(trimmed_mean, "Yin et al. 2018", reads=("f",), min_rows=lambda f: 2 * f + 1, requirement="2f < n"),
+    "meamed": Rule(meamed, "Xie et al. 2018 (mean around median)", reads=("f",), min_rows=lambda f: 2 * f + 1,
+                   requirement="2f < n"),
+    "geometric_median": Rule(geometric_median, "Pillutla et al. 2022 (RFA)", reads=("weights", "smoothing", "tol", "max_iter")),
+    "bulyan": Rule(bulyan, "El Mhamdi et al. 2018", reads=("f",), min_rows=lambda f: 4 * f + 3, requirement="n >= 4f + 3",
+                   memory=lambda n, d, f: max(0, n - 2 * f) * d * 4),
+    "centered_clipping": Rule(centered_clipping, "Karimireddy et al. 2021", reads=("tau", "iterations", "center"),
+                              init_state=lambda d: {"center": np.zeros(d)},
+                              next_state=lambda result: {"center": result.vector.copy()}),
+    "mda": Rule(mda, "El Mhamdi et al. 2021 (minimum diameter averaging)", reads=("f",), min_rows=lambda f: 2 * f + 1,
+                requirement="2f < n", limit=_mda_limit,
+                memory=lambda n, d, f: min(math.comb(n, f), MDA_MAX_SUBSETS) * f * 4 + _MDA_BATCH * n * (n + 1)),
+    "monna": Rule(monna, "Farhadkhani et al. 2023 (MoNNA)", reads=("f",), min_rows=lambda f: 2 * f + 1,
+                  requirement="2f < n", memory=lambda n, d, f: 2 * d * 8),
+}
+
+PRE_STEPS: dict[str, PreStep] = {
+    "nnm": PreStep(nnm_step, "Allouah et al. 2023", reads=("f",), min_rows=lambda f: f + 1, requirement="f < n"),
+    "bucketing": PreStep(bucketing_step, "Karimireddy et al. 2022", reads=("bucket_size", "rng"),
+                         rows_after=lambda n, step: math.ceil(n / step.bucket_size)),
+    "clip": PreStep(clip_step, "static norm clipping", reads=("max_norm",)),
+    "arc": PreStep(arc_step, "Allouah et al. 2024 (adaptive robust clipping)", reads=("f",), min_rows=lambda f: 2 * f + 1,
+                   requirement="2f < n"),
+}

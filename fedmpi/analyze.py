@@ -1,4 +1,4 @@
-"""``python -m fedmpi.analyze FILE_OR_DIR ... [--csv PATH] [--plot DIR] [--follow FILE]``
+"""``python -m fedmpi.analyze FILE_OR_DIR ... [--csv PATH] [--plot DIR] [--robustness DIR] [--tensorboard DIR] [--follow FILE]``
 
 Post-hoc analysis of results files:
 
@@ -6,18 +6,25 @@ Post-hoc analysis of results files:
   runs, final and best test accuracy, rounds, epsilon, wall time, and for
   attacked runs the aggregator's precision and recall at excluding Byzantine
   updates (precision: excluded updates that were Byzantine / excluded updates;
-  recall: Byzantine updates excluded / Byzantine updates);
+  recall: Byzantine updates excluded / Byzantine updates), and a backdoor's
+  final success rate where a run has one;
 - sweeps: runs that differ only in ``seed`` are grouped, with mean and standard
   deviation over the seeds (``--no-group`` to list every run);
 - ``--plot DIR``: accuracy and loss per round (runs overlaid, labelled by their
   differing keys), accuracy against epsilon, a rounds x cohort-slot map of what
   the aggregator kept with Byzantine slots marked, update-norm distributions of
-  honest and Byzantine clients;
+  honest and Byzantine clients, a backdoor's success rate per round;
 - leakage audits (``audit.inversion``, ``audit.membership``): the summary gains
   the reconstruction PSNR, SSIM and label accuracy against the mean-image
   reference, and each membership attack's AUC and TPR at 1% FPR and the best
   advantage on the final model; ``--plot`` draws true examples over their
   reconstructions and the attacks' ROC curves;
+- ``--robustness DIR``: a sweep of rules against attacks as rules-by-attacks
+  tables of final accuracy (mean and std over seeds, worst attack per rule), the
+  backdoor table, and a heatmap (PNG and PDF);
+- ``--tensorboard DIR``: the per-round metrics as TensorBoard event files, one
+  run (subdirectory) per results file, the config as its hyperparameters
+  (needs the ``tensorboard`` extra: ``pip install "fedmpi[tensorboard]"``);
 - ``--follow FILE``: print each round of a run as it is written, until it ends.
 
 A file that cannot be used gets one line naming it (exit status 2).
@@ -26,15 +33,18 @@ A file that cannot be used gets one line naming it (exit status 2).
 from __future__ import annotations
 
 import argparse
+import calendar
+import json
 import math
 import os
 import sys
 import textwrap
+import time
 from typing import Any
 
 import numpy as np
 
-from .protocol import EXIT_BAD_INPUT, EXIT_OK
+from .protocol import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_OK
 from .results import ResultsError, RoundFollower, RunResults, load, progress_line
 from .schema import flatten
 
@@ -116,10 +126,20 @@ def summarise(run: RunResults) -> dict:
         "wall_s": wall,
         "byzantine_precision": precision if attacked else math.nan,
         "byzantine_recall": recall if attacked else math.nan,
+        "backdoor_accuracy": _last_finite(rounds.get("backdoor_accuracy")),
     }
 
 
-NUMERIC = ("final_accuracy", "best_accuracy", "epsilon", "wall_s", "byzantine_precision", "byzantine_recall")
+def _last_finite(column) -> float:
+    """The last finite value of a /rounds column (NaN when none, or no such column)."""
+    values = np.asarray(column if column is not None else [], dtype=float)
+    values = values[np.isfinite(values)]
+    return float(values[-1]) if len(values) else math.nan
+
+
+NUMERIC = ("final_accuracy", "best_accuracy", "epsilon", "wall_s", "byzantine_precision", "byzantine_recall",
+           "backdoor_accuracy")
+OPTIONAL = ("backdoor_accuracy",)  # shown only where some run has it
 LEAKAGE = ("recon_psnr", "recon_ssim", "mean_image_psnr", "label_accuracy", "mia_auc_loss", "mia_auc_offline",
            "mia_auc_online", "mia_tpr1_loss", "mia_tpr1_offline", "mia_tpr1_online", "mia_advantage")
 
@@ -183,6 +203,7 @@ def summary_table(runs: list[RunResults], group: bool = True):
             row.update(leakage_numbers(leak))
         rows.append(row)
     table = pd.DataFrame(rows)
+    table = table.drop(columns=[c for c in OPTIONAL if table[c].isna().all()])
     group_keys = [k for k in keys if k != "seed"]
     if not group or "seed" not in keys:
         return table
@@ -196,6 +217,8 @@ def summary_table(runs: list[RunResults], group: bool = True):
         row["seeds"] = ",".join(part["seed"])
         row["rounds"] = int(part["rounds"].max())
         for col in numeric:
+            if col not in part:
+                continue
             column = part[col].astype(float)
             row[col] = column.mean()
             row[f"{col}_std"] = column.std(ddof=1) if len(part) > 1 else math.nan
@@ -271,6 +294,19 @@ def make_plots(runs: list[RunResults], directory: str, fmt: str = "png") -> list
     else:
         ax.text(0.5, 0.5, "no run with differential privacy", ha="center", va="center", transform=ax.transAxes)
     save(fig, "accuracy_epsilon")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    backdoored = [run for run in runs if "backdoor_accuracy" in run.rounds and np.isfinite(run.rounds["backdoor_accuracy"]).any()]
+    for run in backdoored:
+        r = run.rounds[np.isfinite(run.rounds["backdoor_accuracy"])]
+        ax.plot(r["round"] + 1, r["backdoor_accuracy"], marker=".", label=label(run, keys))
+    ax.set(xlabel="round", ylabel="attack success rate", title="Backdoor: triggered test inputs classified as the target",
+           ylim=(-0.02, 1.02))
+    if backdoored:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no run with a backdoor attack", ha="center", va="center", transform=ax.transAxes)
+    save(fig, "backdoor")
 
     for index, run in enumerate(runs):
         c = run.clients
@@ -361,6 +397,204 @@ def roc_plot(plt, mem: dict, title: str):
     return fig
 
 
+# --------------------------------------------------------------------------- TensorBoard
+
+# /rounds field -> the group of its TensorBoard tag "<group>/<field>" (e.g. "time/wall_s");
+# a field not listed (added later) goes under "rounds/". The round index is the step.
+TENSORBOARD_GROUPS = {
+    "test_accuracy": "eval", "test_loss": "eval", "train_loss": "train", "update_norm": "train", "cohort_size": "train",
+    "byzantine_in_cohort": "byzantine", "byzantine_selected": "byzantine", "nonfinite_updates": "byzantine",
+    "backdoor_accuracy": "byzantine", "epsilon": "privacy",
+    "epsilon_median": "privacy", "delta": "privacy", "noise_multiplier": "privacy", "clip_norm": "privacy",
+    "clipped_fraction": "privacy", "wall_s": "time", "train_s": "time", "comm_s": "time", "aggregate_s": "time",
+    "eval_s": "time",
+}
+
+
+def _run_names(runs: list[RunResults]) -> list[str]:
+    """A run directory name per file: its base name, made unique with its position."""
+    names = [os.path.splitext(os.path.basename(run.path))[0] for run in runs]
+    return [f"{name}-{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+
+
+def _hparam_value(value: Any):
+    """A config value as what TensorBoard's hparams hold: a number, a bool or a string."""
+    if isinstance(value, bool) or isinstance(value, (int, float)) and math.isfinite(value):
+        return value
+    return json.dumps(value) if isinstance(value, (list, dict)) or value is None else str(value)
+
+
+def export_tensorboard(runs: list[RunResults], directory: str) -> list[str]:
+    """Write each run's /rounds as TensorBoard scalars into ``directory/<file name>``:
+    one point per round (step = the round index) per metric, NaN points (a metric that
+    does not apply, a round not evaluated) left out; the flattened config as the run's
+    hyperparameters (HParams dashboard), with the final test accuracy as its metric.
+    Wall times are the file's (its start time plus the rounds' wall_s), so the events
+    are the same on every export. Returns the run directories written.
+
+    Uses tensorboard's own event-file writer and protocol buffers (no TensorFlow)."""
+    try:
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    except ImportError:
+        raise ResultsError("--tensorboard needs the tensorboard package: pip install 'fedmpi[tensorboard]'") from None
+    names, written = _run_names(runs), []
+    for name in names:  # refuse before writing anything
+        logdir = os.path.join(directory, name)
+        if os.path.isdir(logdir) and any(f.startswith("events.out.tfevents") for f in os.listdir(logdir)):
+            raise ResultsError(f"{logdir}: already holds TensorBoard events (of an earlier export?); remove it or "
+                               "give another --tensorboard directory")
+    for run, name in zip(runs, names):
+        logdir = os.path.join(directory, name)
+        start = float(calendar.timegm(time.strptime(run.attrs["start_time"], "%Y-%m-%dT%H:%M:%SZ")))
+        rounds = run.rounds
+        wall = start + rounds["wall_s"].fillna(0).cumsum().to_numpy() if "wall_s" in rounds else np.full(len(rounds), start)
+        writer = EventFileWriter(logdir)
+        hparams = {key: _hparam_value(value) for key, value in sorted(flatten(run.config).items())
+                   if key not in IGNORED_KEYS}
+        fields = {field: f"{TENSORBOARD_GROUPS.get(field, 'rounds')}/{field}" for field in rounds if field != "round"}
+        tags = [tag for field, tag in fields.items() if np.isfinite(rounds[field]).any()]
+        kinds = {bool: api_pb2.DATA_TYPE_BOOL, int: api_pb2.DATA_TYPE_FLOAT64, float: api_pb2.DATA_TYPE_FLOAT64,
+                 str: api_pb2.DATA_TYPE_STRING}
+        experiment = plugin_data_pb2.HParamsPluginData(experiment=api_pb2.Experiment(
+            hparam_infos=[api_pb2.HParamInfo(name=key, type=kinds[type(value)]) for key, value in hparams.items()],
+            metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag)) for tag in tags]))
+        session = plugin_data_pb2.HParamsPluginData(session_start_info=plugin_data_pb2.SessionStartInfo(
+            group_name=name, start_time_secs=start))
+        for key, value in hparams.items():
+            field = "bool_value" if isinstance(value, bool) else "number_value" if isinstance(value, (int, float)) \
+                else "string_value"
+            setattr(session.session_start_info.hparams[key], field, value)
+        for tag, data in ((metadata.EXPERIMENT_TAG, experiment), (metadata.SESSION_START_INFO_TAG, session)):
+            event = Event(wall_time=start, step=0)
+            event.summary.value.add(tag=tag, metadata=metadata.create_summary_metadata(data))
+            writer.add_event(event)
+        for field, tag in fields.items():
+            for step, value, when in zip(rounds["round"], rounds[field], wall):
+                if np.isfinite(value):
+                    event = Event(wall_time=float(when), step=int(step))
+                    event.summary.value.add(tag=tag, simple_value=float(value))
+                    writer.add_event(event)
+        if run.finished:
+            end = plugin_data_pb2.HParamsPluginData(session_end_info=plugin_data_pb2.SessionEndInfo(
+                status=api_pb2.STATUS_SUCCESS, end_time_secs=float(wall[-1]) if len(wall) else start))
+            event = Event(wall_time=float(wall[-1]) if len(wall) else start, step=len(rounds))
+            event.summary.value.add(tag=metadata.SESSION_END_INFO_TAG, metadata=metadata.create_summary_metadata(end))
+            writer.add_event(event)
+        writer.close()
+        written.append(logdir)
+    return written
+
+
+# --------------------------------------------------------------------------- robustness
+
+
+def rule_label(config: dict) -> str:
+    """A run's defence as one name: its pre-aggregation steps, then its rule
+    (``nnm + krum``)."""
+    g = config.get("aggregator") or {}
+    return " + ".join([*(step["name"] for step in g.get("pre") or []), g.get("name", "fedavg")])
+
+
+def robustness_records(runs: list[RunResults]):
+    """One row per run: ``setting`` (the differing config keys other than the seed, the
+    rule and the attack), ``rule``, ``attack``, ``seed``, final test accuracy,
+    final backdoor accuracy, and whether the run diverged (its last evaluated accuracy
+    is then the NaN model's, and the cell is marked)."""
+    import pandas as pd
+
+    own = ("seed", "aggregator.", "attack.")
+    keys = [k for k in differing_keys(runs) if not k.startswith(own)]
+    rows = []
+    for run in runs:
+        flat = flatten(run.config)
+        numbers = summarise(run)
+        rows.append({"setting": ", ".join(f"{k}={_fmt(flat.get(k))}" for k in keys), "rule": rule_label(run.config),
+                     "attack": (run.config.get("attack") or {}).get("name", "none"), "seed": flat.get("seed"),
+                     "final_accuracy": numbers["final_accuracy"], "backdoor_accuracy": numbers["backdoor_accuracy"],
+                     "diverged": run.exit_status == EXIT_DIVERGED})
+    return pd.DataFrame(rows)
+
+
+def _cell(values, diverged=None) -> str:
+    values = np.asarray(values, dtype=float)
+    if not len(values) or np.isnan(values).all():
+        return "-"
+    text = f"{np.nanmean(values):.2f}" + (f"±{np.nanstd(values, ddof=1):.2f}" if len(values) > 1 else "")
+    return text + ("†" if diverged is not None and np.any(diverged) else "")
+
+
+def robustness_tables(records) -> tuple[dict, str]:
+    """Per setting, the rules x attacks table of final accuracy (mean±std over seeds,
+    and the worst attack per rule by mean), as {setting: (rules, attacks, means)} for
+    the heatmap, and the Markdown text of every table, with the backdoor table (attack
+    success rate and clean accuracy per rule) where the sweep has a backdoor."""
+    rules = list(dict.fromkeys(records["rule"]))
+    attacks = list(dict.fromkeys(records["attack"]))
+    grids, text = {}, []
+    for setting, part in records.groupby("setting", sort=False):
+        means = np.full((len(rules), len(attacks)), np.nan)
+        lines = [f"**{setting or 'all runs'}**: final test accuracy, mean±std over seeds († a seed diverged)", "",
+                 "| rule | " + " | ".join(attacks) + " | worst |", "| --- " * (len(attacks) + 2) + "|"]
+        for i, rule in enumerate(rules):
+            cells = []
+            for j, attack in enumerate(attacks):
+                runs = part[(part["rule"] == rule) & (part["attack"] == attack)]
+                if len(runs):
+                    means[i, j] = runs["final_accuracy"].mean()
+                cells.append(_cell(runs["final_accuracy"], runs["diverged"]))
+            worst = int(np.nanargmin(means[i])) if np.isfinite(means[i]).any() else None
+            cells.append("-" if worst is None else f"{means[i, worst]:.2f} ({attacks[worst]})")
+            lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+        grids[setting] = (rules, attacks, means)
+        text += [*lines, ""]
+        backdoor = part[part["attack"] == "backdoor"]
+        if len(backdoor):
+            text += [f"**{setting or 'all runs'}**: backdoor (model replacement), mean±std over seeds", "",
+                     "| rule | attack success rate | clean accuracy | accuracy without attack |", "| --- " * 4 + "|"]
+            for rule in rules:
+                runs = backdoor[backdoor["rule"] == rule]
+                clean = part[(part["rule"] == rule) & (part["attack"] == "none")]
+                text.append(f"| {rule} | {_cell(runs['backdoor_accuracy'])} | {_cell(runs['final_accuracy'], runs['diverged'])} "
+                            f"| {_cell(clean['final_accuracy'])} |")
+            text.append("")
+    return grids, "\n".join(text)
+
+
+def robustness_heatmap(grids: dict, path: str) -> list[str]:
+    """The rules x attacks mean accuracy of every setting, one panel each, with the worst
+    attack per rule as a last column; written as ``path``.png and ``path``.pdf."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(grids.items())
+    rules, attacks, _ = panels[0][1]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(1.0 + 0.62 * (len(attacks) + 1), 0.8 + 0.36 * len(rules) * len(panels)),
+                             squeeze=False)
+    for ax, (setting, (rules, attacks, means)) in zip(axes[:, 0], panels):
+        worst = np.array([np.nanmin(row) if np.isfinite(row).any() else np.nan for row in means])
+        shown = np.column_stack([means, worst])
+        image = ax.imshow(shown, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        for (i, j), value in np.ndenumerate(shown):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6.5)
+        ax.set_xticks(range(len(attacks) + 1), [*attacks, "worst"], rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(rules)), rules, fontsize=8)
+        ax.axvline(len(attacks) - 0.5, color="black", linewidth=1)
+        ax.set_title(f"final test accuracy: {setting or 'all runs'}", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
+    fig.tight_layout()
+    written = []
+    for fmt in ("png", "pdf"):
+        fig.savefig(f"{path}.{fmt}", dpi=130, bbox_inches="tight")
+        written.append(f"{path}.{fmt}")
+    plt.close(fig)
+    return written
+
+
 # --------------------------------------------------------------------------- follow
 
 
@@ -371,7 +605,9 @@ def follow(path: str, poll_s: float = 0.2, timeout_s: float | None = None, out=s
     print(f"following {path}", file=out, flush=True)
     for row in follower:
         print(progress_line(row), file=out, flush=True)
-    if follower.finished:
+    if follower.finished and follower.exit_status > 0:
+        print(f"stopped: {follower.seen} rounds (exit status {follower.exit_status})", file=out, flush=True)
+    elif follower.finished:
         print(f"finished: {follower.seen} rounds", file=out, flush=True)
     else:
         print(f"no new round for {timeout_s:g} s; stopping ({follower.seen} rounds)", file=out, flush=True)
@@ -388,8 +624,12 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--plot", metavar="DIR", help="write plots into DIR")
     parser.add_argument("--format", choices=("png", "pdf"), default="png", help="plot file format")
     parser.add_argument("--no-group", action="store_true", help="one row per run even when runs differ only in seed")
+    parser.add_argument("--tensorboard", metavar="DIR", help="write the per-round metrics as TensorBoard event files "
+                        "into DIR, one run per file (needs the tensorboard extra)")
     parser.add_argument("--follow", metavar="FILE", help="print rounds of a run as they are written, until it ends")
     parser.add_argument("--timeout", type=float, help="with --follow: stop after this many seconds without a new round")
+    parser.add_argument("--robustness", metavar="DIR", help="write the rules x attacks tables (robustness.md, "
+                        "robustness.csv) and heatmap (robustness.png, .pdf) of a robustness sweep into DIR")
     args = parser.parse_args(argv)
     try:
         if args.follow:
@@ -398,6 +638,17 @@ def main(argv: list | None = None) -> int:
         if not args.paths:
             parser.error("give results files or directories (or --follow FILE)")
         runs = [load(path) for path in find_files(args.paths)]
+        if args.robustness:
+            os.makedirs(args.robustness, exist_ok=True)
+            records = robustness_records(runs)
+            grids, text = robustness_tables(records)
+            print(text)
+            with open(os.path.join(args.robustness, "robustness.md"), "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+            records.to_csv(os.path.join(args.robustness, "robustness.csv"), index=False)
+            for path in robustness_heatmap(grids, os.path.join(args.robustness, "robustness")):
+                print(f"wrote {path}")
+            return EXIT_OK
         table = summary_table(runs, group=not args.no_group)
         print(format_table(table))
         if args.csv:
@@ -405,6 +656,9 @@ def main(argv: list | None = None) -> int:
         if args.plot:
             for path in make_plots(runs, args.plot, args.format):
                 print(f"wrote {path}")
+        if args.tensorboard:
+            for path in export_tensorboard(runs, args.tensorboard):
+                print(f"wrote {path} (tensorboard --logdir {args.tensorboard})")
     except ResultsError as exc:
         print(f"fedmpi: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -5,18 +5,26 @@ from (seed, "byzantine_set") or listed in the config. An attack acts at one or
 more of three points, each a hook of its :data:`ATTACKS` entry:
 
 - ``on_data``, on the client before local training: ``label_flip`` trains on
-  labels y -> C - 1 - y;
+  labels y -> C - 1 - y; ``backdoor`` stamps a trigger into part of its data and
+  relabels it (Bagdasaryan et al., AISTATS 2020);
 - ``on_update``, on the client after honest training: ``sign_flip`` sends
   -lambda * update (lambda = 1 by default), ``scaling`` sends +lambda * update
-  (model replacement, Bagdasaryan et al. 2020; lambda defaults to the cohort
-  size), ``gaussian`` sends N(0, std^2) noise;
+  (lambda defaults to the cohort size), ``gaussian`` sends N(0, std^2) noise,
+  ``nonfinite`` sends NaN, infinite or extreme values, ``backdoor`` scales its
+  update so that it replaces the global model;
 - ``on_server``, omniscient and colluding, on rank 0 from the honest rows of
-  the cohort (all Byzantine rows equal): ``alie`` (Baruch et al. 2019) sends
-  mean - z * std per coordinate, ``ipm`` (Xie et al. 2019) sends -eps * mean.
+  the cohort, with a :class:`ServerContext` (the rule in use, f, a keyed
+  generator, checkpointed state): ``alie`` (Baruch et al. 2019), ``ipm`` (Xie et
+  al. 2019), ``min_max`` / ``min_sum`` (Shejwalkar and Houmansadr, NDSS 2021),
+  ``fang_krum`` / ``fang_trimmed_mean`` (Fang et al., USENIX Security 2020),
+  ``mimic`` (Karimireddy, He and Jaggi, ICLR 2022), ``alie_optimised`` /
+  ``ipm_optimised`` (the factor searched against the rule in use, as ByzFL).
 
-The attack functions are pure; the hooks connect them to a run. Randomness
-comes from the generator the caller passes, keyed by (seed, "attack", round,
-client id) on the client.
+Each entry declares its parameters with their types, allowed values and
+defaults (:class:`Param`); config validation reads them. The attack functions
+are pure; the hooks connect them to a run. Randomness comes from the generator
+the caller passes, keyed by (seed, "attack", round, client id) on the client and
+(seed, "server_attack", round) on rank 0.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from statistics import NormalDist
 import numpy as np
 
 from . import aggregation, seeding
+from .schema import ConfigError
 
 
 def byzantine_clients(seed: int, total: int, fraction: float | None = None,
@@ -100,122 +109,6 @@ def alie(honest: np.ndarray, n: int, f: int, z: float | None = None) -> np.ndarr
 def ipm(honest: np.ndarray, eps: float) -> np.ndarray:
     """Inner-product manipulation (Xie et al. 2019): -eps * mean of the honest rows."""
     return -eps * _column_stats(honest)[0]
-
-
-# --------------------------------------------------------------------------- hooks
-
-
-def label_flip_data(x: np.ndarray, y: np.ndarray, num_classes: int, params: Mapping, rng: np.random.Generator) -> tuple:
-    return x, flip_labels(y, num_classes)
-
-
-def sign_flip_update(update: np.ndarray, params: Mapping, rng: np.random.Generator) -> None:
-    update[:] = sign_flip(update, params["lambda"])
-
-
-def scaling_update(update: np.ndarray, params: Mapping, rng: np.random.Generator) -> None:
-    update[:] = scaling(update, params["lambda"])
-
-
-def gaussian_update(update: np.ndarray, params: Mapping, rng: np.random.Generator) -> None:
-    update[:] = gaussian(update.size, params["std"], rng)
-
-
-def _colluding(vector_of: Callable[[np.ndarray, int, int, Mapping], np.ndarray]):
-    """An on_server hook: every Byzantine row becomes ``vector_of(honest, n, f, params)``.
-    With no honest row (or no Byzantine row) in the cohort the rows stay as they are."""
-
-    def hook(updates: np.ndarray, byzantine: np.ndarray, params: Mapping) -> None:
-        n, f = len(byzantine), int(byzantine.sum())
-        if f == 0 or f == n:
-            return
-        honest = updates[~byzantine]  # a copy of the honest rows, in their own dtype
-        updates[byzantine] = vector_of(honest, n, f, params).astype(updates.dtype)
-
-    return hook
-
-
-def _alie_vector(honest: np.ndarray, n: int, f: int, params: Mapping) -> np.ndarray:
-    z = params.get("z")
-    if z is None:
-        # with a Byzantine majority no supporters are needed: use the largest finite z
-        z = alie_zmax(n, f) if math.floor(n / 2 + 1) - f > 0 else NormalDist().inv_cdf((n - 1) / n)
-    return alie(honest, n, f, z)
-
-
-def _ipm_vector(honest: np.ndarray, n: int, f: int, params: Mapping) -> np.ndarray:
-    return ipm(honest, params["eps"])
-
-
-# --------------------------------------------------------------------------- registry
-
-
-@dataclass(frozen=True)
-class Attack:
-    """One attack: its paper, its parameters (name -> default; None: computed from
-    the run by ``resolve``), which must be > 0, and its hooks:
-    ``on_data(x, y, num_classes, params, rng) -> (x, y)`` before local training,
-    ``on_update(update, params, rng)`` in place after it, ``on_server(updates,
-    byzantine, params)`` in place on rank 0 with every row of the cohort."""
-
-    paper: str
-    params: Mapping[str, float | None] = field(default_factory=dict)
-    positive: tuple[str, ...] = ()
-    resolve: Callable[[dict, int], dict] | None = None
-    on_data: Callable | None = None
-    on_update: Callable | None = None
-    on_server: Callable | None = None
-
-    @property
-    def needs_rows(self) -> bool:
-        """Whether rank 0 must see every row (no pre-summing workers)."""
-        return self.on_server is not None
-
-
-def _default_scaling(params: dict, cohort_size: int) -> dict:
-    if params["lambda"] is None:
-        params["lambda"] = float(cohort_size)
-    return params
-
-
-ATTACKS: dict[str, Attack] = {
-    "none": Attack("no attack"),
-    "label_flip": Attack("label flipping, y -> C - 1 - y", on_data=label_flip_data),
-    "sign_flip": Attack("sign flipping, -lambda x update", {"lambda": 1.0}, ("lambda",), on_update=sign_flip_update),
-    "scaling": Attack("Bagdasaryan et al. 2020 (model replacement scaling)", {"lambda": None}, ("lambda",),
-                      resolve=_default_scaling, on_update=scaling_update),
-    "gaussian": Attack("Gaussian noise N(0, std^2)", {"std": 1.0}, ("std",), on_update=gaussian_update),
-    "alie": Attack("Baruch et al. 2019 (A Little Is Enough)", {"z": None}, on_server=_colluding(_alie_vector)),
-    "ipm": Attack("Xie et al. 2019 (inner product manipulation)", {"eps": 0.1}, ("eps",), on_server=_colluding(_ipm_vector)),
-}
-
-
-def resolved_params(name: str, given: Mapping, cohort_size: int) -> dict:
-    """The attack's parameters with defaults filled in."""
-    entry = ATTACKS[name]
-    params = dict(entry.params)
-    params.update(given)
-    return entry.resolve(params, cohort_size) if entry.resolve else params
-
-
-def client_rng(seed: int, round_index: int, client_id: int) -> np.random.Generator:
-    """The generator of a Byzantine client's attack randomness in one round."""
-    return seeding.rng(seed, "attack", round_index, client_id)
-
-
-def apply_omniscient_attack(name: str, params: dict, updates: np.ndarray, byzantine: np.ndarray) -> None:
-    """Overwrite the Byzantine rows of ``updates`` in place with the colluding vector
-    computed from the honest rows (rank 0). With no honest row in the cohort the
-    Byzantine rows are left as they are."""
-    n_byz = int(byzantine.sum())
-    if n_byz == 0 or n_byz == len(byzantine):
-        return
-    honest = updates[~byzantine]  # a copy of the honest rows, in their own dtype
-    if name == "alie":
-        vector = alie(honest, len(byzantine), n_byz, params.get("z"))
-    else:
-        vector = ipm(honest, params["eps"])
-    updates[byzantine] = vector.astype(updates.dtype)
 
 
 # =========================================================================== adaptive attacks
@@ -730,3 +623,377 @@ def ipm_optimised(honest: np.ndarray, n: int, f: int, aggregate: Callable, *, ev
     eps, _ = line_maximize(lambda e: _damage(aggregate, honest, f, -e * mean, mean),
                            evals=evals, start=start, delta=delta, ratio=ratio)
     return -eps * mean, eps
+
+
+# --------------------------------------------------------------------------- backdoor (model replacement)
+
+# The paper's poisoning rate for images: c = 20 backdoor inputs in each training batch of 64.
+BACKDOOR_FRACTION = 20 / 64
+
+
+def trigger_size(height: int, width: int) -> int:
+    """Side of the default square trigger: ceil(min(H, W) / 7) pixels (2 on 8 x 8
+    digits, 4 on 28 x 28 MNIST), about 2% of the image."""
+    return -(-min(height, width) // 7)
+
+
+def stamp_trigger(x: np.ndarray, value: np.ndarray, size: int) -> np.ndarray:
+    """A copy of the images ``x`` (N, C, H, W) with the size x size square in the
+    bottom-right corner of every channel c set to ``value[c]`` (the data set's
+    brightest value: a white patch)."""
+    out = np.array(x, copy=True)
+    out[:, :, -size:, -size:] = np.asarray(value, dtype=out.dtype).reshape(1, -1, 1, 1)
+    return out
+
+
+def backdoor_data(x: np.ndarray, y: np.ndarray, target: int, fraction: float, value: np.ndarray, size: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """An attacker's training set for the backdoor (Bagdasaryan et al., AISTATS 2020):
+    round(fraction x N) of its N examples (at least one), drawn without replacement
+    from ``rng``, are stamped with the trigger and relabelled ``target``; the others
+    stay as they are, so the local model keeps the main task while it learns the
+    backdoor. Returns new arrays."""
+    count = min(len(y), max(1, int(round(fraction * len(y))))) if len(y) else 0
+    poisoned = rng.choice(len(y), size=count, replace=False)
+    x_out, y_out = np.array(x, copy=True), np.array(y, copy=True)
+    x_out[poisoned] = stamp_trigger(x[poisoned], value, size)
+    y_out[poisoned] = target
+    return x_out, y_out
+
+
+def backdoor_test_set(x: np.ndarray, y: np.ndarray, target: int, value: np.ndarray,
+                      size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The triggered test set: every test example whose true label is not ``target``,
+    stamped, labelled ``target``. A model's accuracy on it is the attack success rate."""
+    keep = y != target
+    return stamp_trigger(x[keep], value, size), np.full(int(keep.sum()), target, dtype=y.dtype)
+
+
+def replacement_factor(cohort_size: int, server_lr: float, attackers: float = 1.0) -> float:
+    """Model replacement's boost gamma = n / eta (Bagdasaryan et al. 2020, eq. 3: the
+    server adds eta / n times the sum of the n updates, so one update scaled by n / eta
+    replaces the global model with the attacker's), divided by the expected number of
+    attackers in a cohort when several collude (each carries 1 / m of the replacement;
+    the paper's setting is m = 1)."""
+    return cohort_size / (server_lr * max(1.0, attackers))
+
+
+# --------------------------------------------------------------------------- hooks: client side
+
+
+def label_flip_data(x: np.ndarray, y: np.ndarray, num_classes: int, params: Mapping, rng: np.random.Generator) -> tuple:
+    return x, flip_labels(y, num_classes)
+
+
+def sign_flip_update(update: np.ndarray, params: Mapping, rng: np.random.Generator) -> None:
+    update[:] = sign_flip(update, params["lambda"])
+
+
+def scaling_update(update: np.ndarray, params: Mapping, rng: np.random.Generator) -> None:
+    update[:] = scaling(update, params["lambda"])
+
+
+def gaussian_update(update: np.ndarray, params: Mapping, rng: np.random.Generator) -> None:
+    update[:] = gaussian(update.size, params["std"], rng)
+
+
+def nonfinite_hook(update: np.ndarray, params: Mapping, rng: np.random.Generator) -> None:
+    update[:] = nonfinite_update(update, params["pattern"])
+
+
+def backdoor_data_hook(x: np.ndarray, y: np.ndarray, num_classes: int, params: Mapping, rng: np.random.Generator) -> tuple:
+    return backdoor_data(x, y, params["target"], params["poison_fraction"], params["trigger_value"],
+                         params["trigger_size"], rng)
+
+
+def backdoor_update_hook(update: np.ndarray, params: Mapping, rng: np.random.Generator) -> None:
+    update *= np.float32(params["gamma"])
+
+
+def backdoor_test_hook(x: np.ndarray, y: np.ndarray, params: Mapping) -> tuple:
+    return backdoor_test_set(x, y, params["target"], params["trigger_value"], params["trigger_size"])
+
+
+# --------------------------------------------------------------------------- hooks: rank 0
+
+
+class Inapplicable(Exception):
+    """An on_server attack that cannot be computed this round (e.g. too few honest rows);
+    the Byzantine clients then send the updates they trained."""
+
+
+@dataclass
+class ServerContext:
+    """What an ``on_server`` attack knows besides the rows and the Byzantine mask.
+
+    ``round_index``; ``cohort``: client ids in slot order; ``finite``: which rows
+    arrived finite (the server drops the others, so a colluding attacker ignores
+    them); ``f``: the f the server's rule tolerates; ``aggregate(rows)``: the server's
+    pre-aggregation steps and rule over ``rows``, as the server would run them this
+    round on that many finite rows (f less the cohort's rows not given), returning an
+    AggregationResult whose ``selected`` lists the input rows it used (raises
+    :class:`Inapplicable` when the rows do not meet the rule's requirement): full
+    knowledge of the defence; ``rng``: keyed by (seed, "server_attack", round);
+    ``state``: the attack's own arrays, kept between rounds, checkpointed with the
+    server's state (update them in place); ``honest``: the slots of the honest clients
+    whose rows arrived finite (the rows the attack reads)."""
+
+    round_index: int
+    cohort: np.ndarray
+    finite: np.ndarray
+    honest: np.ndarray
+    f: int
+    aggregate: Callable[[np.ndarray], object]
+    rng: np.random.Generator
+    state: dict = field(default_factory=dict)
+
+
+def _colluding(rows_of: Callable):
+    """An on_server hook: the Byzantine rows become ``rows_of(honest, n, b, params,
+    context)`` ((d,) for one shared vector, or (b, d)), from the finite honest rows of
+    the cohort (n = those + the b Byzantine rows). With no honest or no Byzantine row,
+    or when the attack is :class:`Inapplicable` this round, the rows stay as they are."""
+
+    def hook(updates: np.ndarray, byzantine: np.ndarray, params: Mapping, context: ServerContext) -> None:
+        b = int(byzantine.sum())
+        if b == 0 or not context.honest.any():
+            return
+        honest = updates[context.honest]  # a copy of the honest rows, in their own dtype
+        try:
+            crafted = rows_of(honest, len(honest) + b, b, params, context)
+        except Inapplicable:
+            return
+        updates[byzantine] = np.asarray(crafted).astype(updates.dtype)
+
+    return hook
+
+
+def _alie_vector(honest: np.ndarray, n: int, f: int, params: Mapping, context: ServerContext) -> np.ndarray:
+    z = params.get("z")
+    if z is None:
+        # with a Byzantine majority no supporters are needed: use the largest finite z
+        z = alie_zmax(n, f) if math.floor(n / 2 + 1) - f > 0 else NormalDist().inv_cdf((n - 1) / n)
+    return alie(honest, n, f, z)
+
+
+def _ipm_vector(honest: np.ndarray, n: int, f: int, params: Mapping, context: ServerContext) -> np.ndarray:
+    return ipm(honest, params["eps"])
+
+
+def _min_max_vector(honest: np.ndarray, n: int, f: int, params: Mapping, context: ServerContext) -> np.ndarray:
+    _require_perturbation(honest, params["perturbation"])
+    return min_max(honest, params["perturbation"])[0]
+
+
+def _min_sum_vector(honest: np.ndarray, n: int, f: int, params: Mapping, context: ServerContext) -> np.ndarray:
+    _require_perturbation(honest, params["perturbation"])
+    return min_sum(honest, params["perturbation"], reference=params["reference"])[0]
+
+
+def _require_perturbation(honest: np.ndarray, perturbation: str) -> None:
+    if perturbation == "std" and len(honest) < 2:
+        raise Inapplicable("the std perturbation needs two honest rows")
+    if perturbation == "unit_vec" and not np.any(_column_stats(honest)[0]):
+        raise Inapplicable("the unit_vec perturbation needs a non-zero honest mean")
+
+
+def _fang_krum_rows(honest: np.ndarray, n: int, f: int, params: Mapping, context: ServerContext) -> np.ndarray:
+    if n < 2 * f + 3:  # the lambda bound divides by n - 2f - 1
+        raise Inapplicable(f"Fang et al.'s attack on Krum needs n >= 2f + 3 (n = {n}, f = {f})")
+    return fang_krum(honest, n, f, rule=context.aggregate, rng=context.rng)[0]
+
+
+def _fang_trimmed_mean_rows(honest: np.ndarray, n: int, f: int, params: Mapping, context: ServerContext) -> np.ndarray:
+    return fang_trimmed_mean(honest, f, context.rng, params["b"])
+
+
+def _mimic_vector(honest: np.ndarray, n: int, f: int, params: Mapping, context: ServerContext) -> np.ndarray:
+    s = context.state
+    previous = None
+    if int(s["learnt"]) > 0:
+        previous = {"z": s["z"], "mu": s["mu"], "learnt": int(s["learnt"]), "target": int(s["target"]),
+                    "target_id": int(s["target_id"])}
+    vector, new = mimic(honest, previous, context.round_index, params["warmup"], rng=context.rng,
+                        ids=context.cohort[context.honest])
+    s["z"][...], s["mu"][...] = new["z"], new["mu"]
+    s["learnt"][...], s["target"][...], s["target_id"][...] = new["learnt"], new["target"], new["target_id"]
+    return vector
+
+
+def _mimic_state(size: int) -> dict[str, np.ndarray]:
+    """Mimic's state, checkpointed: direction z and mean mu (d,), rounds learnt (0: none
+    yet), the target's row and client id."""
+    return {"z": np.zeros(size), "mu": np.zeros(size), "learnt": np.zeros((), np.int64),
+            "target": np.full((), -1, np.int64), "target_id": np.full((), -1, np.int64)}
+
+
+def _alie_optimised_vector(honest: np.ndarray, n: int, f: int, params: Mapping, context: ServerContext) -> np.ndarray:
+    return alie_optimised(honest, n, f, context.aggregate, evals=params["evals"])[0]
+
+
+def _ipm_optimised_vector(honest: np.ndarray, n: int, f: int, params: Mapping, context: ServerContext) -> np.ndarray:
+    return ipm_optimised(honest, n, f, context.aggregate, evals=params["evals"])[0]
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Param:
+    """One attack parameter: its ``type`` (float, int or str), ``default`` (None: the
+    entry's ``resolve`` computes it from the run), the allowed ``choices`` (str), and
+    bounds: ``above`` (strictly), ``at_least``, ``at_most``."""
+
+    type: type
+    default: object = None
+    choices: tuple = ()
+    above: float | None = None
+    at_least: float | None = None
+    at_most: float | None = None
+
+    def convert(self, key: str, value: object) -> object:
+        """``value`` as this parameter's type, or ConfigError naming ``key``."""
+        if value is None and self.default is None:
+            return None
+        if self.type is str:
+            if not isinstance(value, str) or value not in self.choices:
+                raise ConfigError(key, value, "must be one of " + ", ".join(self.choices))
+            return value
+        if self.type is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(key, value, "expected an integer")
+        if self.type is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(key, value, "expected a number")
+            if not math.isfinite(value):
+                raise ConfigError(key, value, "expected a finite number")
+            value = float(value)
+        for bound, fails, words in ((self.above, lambda b: value <= b, "must be > {}"),
+                                    (self.at_least, lambda b: value < b, "must be >= {}"),
+                                    (self.at_most, lambda b: value > b, "must be <= {}")):
+            if bound is not None and fails(bound):
+                raise ConfigError(key, value, words.format(bound))
+        return value
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One attack: its paper, its typed parameters, and its hooks.
+
+    - ``on_data(x, y, num_classes, params, rng) -> (x, y)``: a Byzantine client's
+      training data, before local training;
+    - ``on_update(update, params, rng)``: its update, in place, after training (rng
+      keyed by (seed, "attack", round, client id));
+    - ``on_server(updates, byzantine, params, context)``: rank 0, every row of the
+      cohort in place, with a :class:`ServerContext` (the rule in use, f, a keyed
+      generator, the attack's checkpointed state);
+    - ``triggered_test(x_test, y_test, params) -> (x, y)``: the test set on which rank 0
+      measures the attack's success every evaluated round (``/rounds/backdoor_accuracy``).
+
+    ``resolve(params, cfg, data)`` fills the defaults that depend on the run;
+    ``check(params, data)`` raises ConfigError for data the attack cannot use;
+    ``state(d)``: the arrays of an on_server attack's state (checkpointed);
+    ``memory(n, d)``: bytes rank 0 allocates for it beyond a copy of the honest rows."""
+
+    paper: str
+    params: Mapping[str, Param] = field(default_factory=dict)
+    resolve: Callable | None = None
+    check: Callable | None = None
+    on_data: Callable | None = None
+    on_update: Callable | None = None
+    on_server: Callable | None = None
+    triggered_test: Callable | None = None
+    state: Callable[[int], dict] | None = None
+    memory: Callable[[int, int], int] = lambda n, d: 0
+
+    @property
+    def needs_rows(self) -> bool:
+        """Whether rank 0 must see every row (no pre-summing workers)."""
+        return self.on_server is not None
+
+
+def _default_scaling(params: dict, cfg, data) -> dict:
+    if params["lambda"] is None:
+        params["lambda"] = float(cfg.clients.per_round)
+    return params
+
+
+def _backdoor_resolve(params: dict, cfg, data) -> dict:
+    a, c = cfg.attack, cfg.clients
+    if params["gamma"] is None:
+        attackers = len(byzantine_clients(cfg.seed, c.total, a.fraction, a.clients)) * c.per_round / c.total
+        params["gamma"] = replacement_factor(c.per_round, cfg.server.lr, attackers)
+    if data is not None and data.x_train is not None and data.x_train.ndim == 4:
+        params["trigger_value"] = data.x_train.max(axis=(0, 2, 3))
+        if params["trigger_size"] is None:
+            params["trigger_size"] = trigger_size(*data.x_train.shape[2:])
+    return params
+
+
+def _backdoor_check(params: dict, data) -> None:
+    if data.x_train is None or data.x_train.ndim != 4:
+        raise ConfigError("attack.name", "backdoor", f"stamps a pixel trigger into images; the data set's samples "
+                          f"have shape {tuple(data.input_shape)} (use digits, mnist or fashion_mnist)")
+    if params["target"] >= data.num_classes:
+        raise ConfigError("attack.params.target", params["target"], f"must be a class of the data set (0..{data.num_classes - 1})")
+    if params["trigger_size"] is not None and params["trigger_size"] > min(data.input_shape[1:]):
+        raise ConfigError("attack.params.trigger_size", params["trigger_size"],
+                          f"must fit the images ({data.input_shape[1]} x {data.input_shape[2]})")
+
+
+_PERTURBATION = Param(str, "unit_vec", PERTURBATIONS)
+_EVALS = Param(int, 20, at_least=1)
+
+
+def _rule_memory(n: int, d: int) -> int:
+    return n * d * 12  # the rows the search hands to the rule (float32) and a step's float64 copy
+
+
+ATTACKS: dict[str, Attack] = {
+    "none": Attack("no attack"),
+    "label_flip": Attack("label flipping, y -> C - 1 - y", on_data=label_flip_data),
+    "sign_flip": Attack("sign flipping, -lambda x update", {"lambda": Param(float, 1.0, above=0)},
+                        on_update=sign_flip_update),
+    "scaling": Attack("Bagdasaryan et al. 2020 (model replacement scaling)", {"lambda": Param(float, None, above=0)},
+                      resolve=_default_scaling, on_update=scaling_update),
+    "gaussian": Attack("Gaussian noise N(0, std^2)", {"std": Param(float, 1.0, above=0)}, on_update=gaussian_update),
+    "alie": Attack("Baruch et al. 2019 (A Little Is Enough)", {"z": Param(float, None)}, on_server=_colluding(_alie_vector)),
+    "ipm": Attack("Xie et al. 2019 (inner product manipulation)", {"eps": Param(float, 0.1, above=0)},
+                  on_server=_colluding(_ipm_vector)),
+    "nonfinite": Attack("non-finite and extreme values (robustness probe)",
+                        {"pattern": Param(str, "nan", NONFINITE_PATTERNS)}, on_update=nonfinite_hook),
+    "min_max": Attack("Shejwalkar and Houmansadr 2021 (NDSS, min-max)", {"perturbation": _PERTURBATION},
+                      on_server=_colluding(_min_max_vector)),
+    "min_sum": Attack("Shejwalkar and Houmansadr 2021 (NDSS, min-sum)",
+                      {"perturbation": _PERTURBATION, "reference": Param(str, "max", ("max", "min"))},
+                      on_server=_colluding(_min_sum_vector)),
+    "fang_krum": Attack("Fang et al. 2020 (USENIX Security, full knowledge, Krum)", on_server=_colluding(_fang_krum_rows),
+                        memory=_rule_memory),
+    "fang_trimmed_mean": Attack("Fang et al. 2020 (USENIX Security, full knowledge, trimmed mean / median)",
+                                {"b": Param(float, 2.0, above=1)}, on_server=_colluding(_fang_trimmed_mean_rows)),
+    "mimic": Attack("Karimireddy, He and Jaggi 2022 (ICLR, mimic)", {"warmup": Param(int, 1, at_least=1)},
+                    on_server=_colluding(_mimic_vector), state=_mimic_state),
+    "alie_optimised": Attack("Allouah et al. 2023 (ByzFL's optimised ALIE)", {"evals": _EVALS},
+                             on_server=_colluding(_alie_optimised_vector), memory=_rule_memory),
+    "ipm_optimised": Attack("Allouah et al. 2023 (ByzFL's optimised IPM)", {"evals": _EVALS},
+                            on_server=_colluding(_ipm_optimised_vector), memory=_rule_memory),
+    "backdoor": Attack("Bagdasaryan et al. 2020 (AISTATS, backdoor by model replacement)",
+                       {"target": Param(int, 0, at_least=0), "poison_fraction": Param(float, BACKDOOR_FRACTION, above=0, at_most=1),
+                        "trigger_size": Param(int, None, at_least=1), "gamma": Param(float, None, above=0)},
+                       resolve=_backdoor_resolve, check=_backdoor_check, on_data=backdoor_data_hook,
+                       on_update=backdoor_update_hook, triggered_test=backdoor_test_hook),
+}
+
+
+def resolved_params(cfg, data=None, entry: Attack | None = None) -> dict:
+    """The configured attack's parameters with every default filled in (``data``: the
+    run's FederatedData, for what depends on it; ``entry``: the attack's registry
+    entry, default ``ATTACKS[cfg.attack.name]``; user attacks pass theirs)."""
+    entry = entry or ATTACKS[cfg.attack.name]
+    params = {name: spec.default for name, spec in entry.params.items()}
+    params.update(cfg.attack.params)
+    return entry.resolve(params, cfg, data) if entry.resolve else params
+
+
+def client_rng(seed: int, round_index: int, client_id: int) -> np.random.Generator:
+    """The generator of a Byzantine client's attack randomness in one round."""
+    return seeding.rng(seed, "attack", round_index, client_id)

@@ -16,12 +16,23 @@ they can, and medians are reported). Sections:
                GEMM; FedAvg >= 0.5x the streaming bandwidth.
 ``krum``       only Krum's distance computation at n = 64, d = 1e6 against one GEMM.
 ``dp``         one DP-SGD step against a non-private step, one thread, batch 64, MLP
-               784-200-200-10 and McMahan et al.'s CNN. Target <= 3x.
+               784-200-200-10 and McMahan et al.'s CNN. Target <= 3x. And the character
+               LSTM (batch 10), whose embedding and LSTM layers take the generic vmap path.
 ``startup``    time to the first round at 2, 4 and 16 ranks; which heavy modules each
                rank imported (h5py, matplotlib, scikit-learn, pandas, dp-accounting stay
                out of workers that do not use them).
 ``memory``     peak RSS of rank 0 against cohort x d x 4 bytes for a 1000-client cohort
                of a 1e5-parameter model, with transport gather and reduce.
+``sweep``      the 18-run configs/sweeps/example.yaml as separate ``mpirun -n 3`` launches
+               against one ``mpirun -n 3 ... fedmpi.sweep --in-job`` (3 groups of 1 rank, and
+               1 group of 3): runs per minute, and the share of time spent starting up.
+               Target >= 3x the runs per minute of separate launches.
+``sharded``    ``transport: sharded`` against the rank-0 path (rows gathered on rank 0) in
+               the same run, at 1, 2 and 4 ranks, n = 64 rows of d = 2^20: each rule's
+               aggregation time, the transfer (Alltoallw against Gatherv), every rank's peak
+               RSS; the per-block costs and the collectives' bandwidth measured here, and from
+               them a projection for 10,000 clients per round, d = 1e6, on 16 to 256 ranks;
+               the memory estimate of a 2,000-client cohort of a 4.2M-parameter model.
 
 Without a section, all run (a few minutes on 2 cores). docs/performance.md
 records the numbers.
@@ -31,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -285,18 +297,21 @@ def bench_aggregation(quick: bool = False) -> list[dict]:
 # --------------------------------------------------------------------------- dp
 
 
-def _dp_step_times(model_cfg, batch: int, repeats: int) -> dict[str, float]:
+def _dp_step_times(model_cfg, batch: int, repeats: int, shape: tuple = (1, 28, 28), classes: int = 10) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
     from .models import FlatModel, build_model
     from .privacy.dpsgd import PerExampleGradients
 
-    module = build_model(model_cfg, (1, 28, 28), 10)
+    module = build_model(model_cfg, shape, classes)
     flat = FlatModel(module)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 1, 28, 28, generator=gen)
-    y = torch.randint(0, 10, (batch,), generator=gen)
+    if len(shape) == 1:  # character codes
+        x = torch.randint(0, classes, (batch, *shape), generator=gen).to(torch.uint8)
+    else:
+        x = torch.randn(batch, *shape, generator=gen)
+    y = torch.randint(0, classes, (batch,), generator=gen)
     per_example = PerExampleGradients(module)
     views = [p.grad for p in module.parameters()]
     noise = torch.empty(flat.size)
@@ -327,6 +342,10 @@ def bench_dp(quick: bool = False, batch: int = 64) -> list[dict]:
         ratio = t["dp"] / t["plain"]
         rows.append(_row("dp", f"DP-SGD step, {label}, batch {batch}, 1 thread", t["dp"], t["plain"], "s", ratio,
                          "<= 3x", ratio <= 3.0))
+    # the generic (torch.func vmap) path: embedding and LSTM layers; batch 10 as in the Shakespeare configs
+    t = _dp_step_times(ModelConfig(name="char_lstm"), 10, 3 if quick else 10, shape=(80,), classes=81)
+    rows.append(_row("dp", "DP-SGD step, char LSTM (vmap path), batch 10, 1 thread", t["dp"], t["plain"], "s",
+                     t["dp"] / t["plain"], "-", None))
     return rows
 
 
@@ -412,8 +431,388 @@ def bench_memory(quick: bool = False) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------- sweep
+
+
+def _timed_lines(cmd: list[str], cwd: str) -> tuple[float, list[tuple[float, str]]]:
+    """Run ``cmd``; (total seconds, [(seconds since the start, line) of its stdout])."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = [(time.perf_counter() - start, line.rstrip("\n")) for line in proc.stdout]
+    stderr = proc.stderr.read()
+    proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])}... failed with status {proc.returncode}: {stderr[-2000:]}")
+    return time.perf_counter() - start, lines
+
+
+def _run_seconds(path: str) -> float:
+    """/run/wall_s: from the results file's creation to the run's end (the run itself)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return float(f["run/wall_s"][()])
+
+
+def bench_sweep(quick: bool = False) -> list[dict]:
+    """configs/sweeps/example.yaml (18 digits runs; 6 with --quick) as separate
+    ``mpirun -n 3 python -m fedmpi.run`` launches, one after another, against one
+    ``mpirun -n 3 python -m fedmpi.sweep --in-job`` with G = 1 (3 groups) and G = 3 (one
+    group). Start-up: of a separate launch, its wall time less the run's /run/wall_s;
+    of an in-job sweep, the time until the job printed its first line (MPI up, torch
+    loaded, the sweep opened). The in-job files are checked against the separate ones."""
+    from .sweep import expand, load_grid, run_args
+
+    grid_path = REPO / "configs" / "sweeps" / "example.yaml"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        grid = load_grid(str(grid_path))
+        grid["config"] = str(REPO / grid["config"])
+        if quick:
+            grid["seeds"] = grid["seeds"][:1]
+        layouts = {"separate": None, "G1": 1, "G3": 3}
+        paths = {}
+        for name in layouts:
+            grid_file = os.path.join(tmp, f"{name}.yaml")
+            with open(grid_file, "w", encoding="utf-8") as fh:
+                json.dump({**grid, "out": os.path.join(tmp, name)}, fh)  # JSON is YAML
+            paths[name] = grid_file
+        entries = expand(load_grid(paths["separate"]))
+        separate_total, separate_startup = 0.0, 0.0
+        for entry in entries:
+            args = run_args(load_grid(paths["separate"]), entry)
+            total, _ = _timed_lines([_mpirun(), "-n", "3", sys.executable, "-m", "fedmpi.run", *args, "--quiet"], tmp)
+            separate_total += total
+            separate_startup += total - _run_seconds(entry["out"])
+        n = len(entries)
+        separate_rate = n / separate_total * 60
+        rows.append(_row("sweep", f"{n} runs as separate mpirun -n 3 launches", separate_rate, separate_rate, "runs/min",
+                         1.0, "-", None, f"{separate_total:.0f} s; start-up and exit {separate_startup / separate_total:.0%} "
+                                         f"of it ({separate_startup / n:.1f} s a run)"))
+        for name, per_run in (("G1", 1), ("G3", 3)):
+            total, lines = _timed_lines([_mpirun(), "-n", "3", sys.executable, "-m", "fedmpi.sweep", paths[name],
+                                         "--in-job", "--ranks-per-run", str(per_run)], tmp)
+            startup = lines[0][0] if lines else total
+            rate = n / total * 60
+            ours = expand(load_grid(paths[name]))
+            identical = sum(_final_model(a["out"]) == _final_model(b["out"]) for a, b in zip(ours, entries))
+            groups = 3 // per_run
+            rows.append(_row("sweep", f"{n} runs in one mpirun -n 3 --in-job, {groups} group{'s' * (groups > 1)} of "
+                             f"{per_run}", rate, separate_rate, "runs/min", rate / separate_rate, ">= 3x",
+                             rate / separate_rate >= 3.0,
+                             f"{total:.0f} s; start-up {startup / total:.0%} of it ({startup:.1f} s once); "
+                             f"/model/final identical to the separate run's in {identical} of {n}"))
+    return rows
+
+
+def _final_model(path: str) -> bytes:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f["model/final"][:].tobytes()
+
+
+
+# --------------------------------------------------------------------------- sharded
+
+SHARDED_F = 8  # Byzantine rows tolerated by the rules that take f (Bulyan: n >= 4f + 3)
+SHARDED_F_MDA = 2  # MDA searches C(n, f) subsets: C(64, 2) = 2016
+
+
+def _bench_rows(first: int, count: int, d: int) -> np.ndarray:
+    """Slots first.. first + count of the bench cohort, keyed by slot: N(0, 1) rows, and
+    every eighth slot scaled x10 (outliers for the rules to find)."""
+    rows = np.empty((count, d), dtype=np.float32)
+    for i in range(count):
+        rows[i] = np.random.default_rng([7, first + i]).standard_normal(d, dtype=np.float32)
+        if (first + i) % 8 == 7:
+            rows[i] *= 10
+    return rows
+
+
+def sharded_worker(path: str, transport: str, n: int, d: int, block: int, repeats: int) -> None:
+    """Under mpirun: rows trained on the workers (rank 0 holds none unless alone), moved
+    (Gatherv to rank 0, or Alltoallw of column blocks), then every rule timed between
+    barriers and its peak traced; each rank's records to ``path`` (JSON) from rank 0."""
+    import resource
+    import tracemalloc
+
+    from .aggregation import RULES
+    from .comm import MPIComm, prepare_environment
+    from .config import load
+    from .protocol import RECORD, RECORD_FIELDS, slot_counts
+    from .rounds import RuleAggregator, Updates
+    from .sharded.layout import BlockLayout
+    from .sharded.round import ShardContext, ShardedAggregator
+
+    prepare_environment()
+    comm = MPIComm()
+    world, root = comm.comm, comm.rank == 0
+    counts = slot_counts(n, comm.size)
+    rows = _bench_rows(sum(counts[:comm.rank]), counts[comm.rank], d)
+    layout = BlockLayout(d, block, comm.size)
+    sharded = transport == "sharded"
+    world.Barrier()
+    start = time.perf_counter()
+    if comm.size == 1:
+        held = rows
+    elif sharded:
+        held = comm.exchange_columns(rows, counts, layout.spans)
+    else:
+        held = np.empty((n, d), dtype=np.float32) if root else None
+        comm.gather_rows(rows, held, counts)
+    world.Barrier()
+    record = {"rank": comm.rank, "transfer_s": time.perf_counter() - start, "rules": {},
+              "held_bytes": (0 if held is None else held.nbytes) + (rows.nbytes if comm.size > 1 else 0)}
+    records = np.zeros((n, len(RECORD_FIELDS)))
+    records[:, RECORD["num_samples"]] = 1 + np.arange(n) % 5
+    cohort = np.arange(n)
+    context = ShardContext(layout, comm)
+    for name in RULES:
+        cfg = load(None, [f"clients.total={n}", f"clients.per_round={n}", f"aggregator.name={name}",
+                          *([f"aggregator.f={SHARDED_F_MDA if name == 'mda' else SHARDED_F}"]
+                            if "f" in RULES[name].reads else [])])
+        if sharded:
+            aggregator, updates = ShardedAggregator(cfg, d, context), Updates(cohort, records, counts,
+                                                                               shard=context.columns(held))
+        else:
+            aggregator, updates = RuleAggregator(cfg, d), Updates(cohort, records, counts, rows=held)
+        seconds = []
+        for _ in range(repeats):
+            world.Barrier()
+            start = time.perf_counter()
+            if sharded or root:
+                aggregator(updates, 0)
+            world.Barrier()
+            seconds.append(time.perf_counter() - start)
+        tracemalloc.start()
+        if sharded or root:
+            aggregator(updates, 0)
+        traced = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        world.Barrier()
+        record["rules"][name] = {"s": statistics.median(seconds), "traced_peak": traced}
+    record["maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if comm.size > 1 and sharded:  # the collectives the projection needs, measured here
+        record["bandwidth"] = _collective_bandwidth(comm, layout)
+    records_all = comm.allgather(record)
+    if root:
+        with open(path, "w") as fh:
+            json.dump(records_all, fh)
+
+
+def _collective_bandwidth(comm, layout) -> dict:
+    """Bytes per second of one tree message (rank 1 -> 0, a 1024 x 1024 float64 partial),
+    of the Alltoallw exchange per rank (64 rows of 2^20 columns), of the columns gather."""
+    from mpi4py import MPI
+
+    world = comm.comm
+    partial = np.ones((1024, 1024))
+    best = np.inf
+    for _ in range(5):
+        world.Barrier()
+        start = MPI.Wtime()
+        if comm.rank == 1:
+            world.Send(partial, dest=0, tag=9)
+        elif comm.rank == 0:
+            world.Recv(partial, source=1, tag=9)
+        world.Barrier()
+        best = min(best, MPI.Wtime() - start)
+    weights = np.ones(layout.size, dtype=np.float32)
+    lo, hi = layout.span(comm.rank)
+    gather = np.inf
+    for _ in range(5):
+        world.Barrier()
+        start = MPI.Wtime()
+        comm.gather_columns(weights[lo:hi], weights if comm.rank == 0 else None, layout.spans)
+        world.Barrier()
+        gather = min(gather, MPI.Wtime() - start)
+    return {"p2p_Bps": partial.nbytes / best, "gather_columns_Bps": weights.nbytes / gather}
+
+
+def _block_costs(block: int) -> dict:
+    """Seconds per block of ``block`` columns, one core, of each per-block kernel at n rows
+    (the Gram partial and the coordinate-wise sorts at n = 1024; the n x n float64 add of
+    the tree at n = 2048; rank 0's Krum scores at n = 2048)."""
+    from . import aggregation as agg
+
+    rng = np.random.default_rng(0)
+    n = 1024
+    x = rng.standard_normal((n, block), dtype=np.float32)
+    w = np.full(n, 1.0 / n)
+    centre = agg.mean_row(x)
+    gram = rng.standard_normal((2048, 2048))
+    dist = np.abs(gram + gram.T)
+    t = alternate({
+        "gram": lambda: agg._centered_gram(x, None, centre),
+        "median": lambda: agg._coordinatewise(x, n // 2 - 1, n // 2 + 1),
+        "meamed": lambda: agg.closest_to_median(x, n - 100),
+        "weighted_sum": lambda: agg.weighted_sum(x, w),
+        "add": lambda: np.add(gram, gram, out=dist),
+    }, 3)
+    t["krum_scores_2048"] = alternate({"k": lambda: agg.krum_scores(dist, 100)}, 1)["k"]
+    return {"n": n, "block": block, **t}
+
+
+def _projection(costs: dict, bandwidth: dict, alltoall_Bps: float, clients: int = 10_000, d: int = 1_000_000,
+                block: int = 4096) -> list[dict]:
+    """Seconds per round of the sharded aggregation and bytes per rank, on paper, for
+    ``clients`` rows of ``d`` at 16 to 256 ranks, from the measured per-block costs
+    (scaled by n^2 for the Gram partial and the tree adds, n log n for the sorts, n for
+    sums) and the measured bandwidths (this machine's; a cluster's links would replace them)."""
+    n, blocks = clients, max(1, d // block)
+    m = costs["n"]
+    gram_block = costs["gram"] * (n / m) ** 2
+    sort_scale = (n * math.log2(n)) / (m * math.log2(m))
+    levels = math.ceil(math.log2(blocks))
+    partial_bytes = n * n * 8
+    tree_s = levels * (partial_bytes / bandwidth["p2p_Bps"] + costs["add"] * (n / 2048) ** 2)
+    scores_s = costs["krum_scores_2048"] * (n * n * math.log2(n)) / (2048 * 2048 * 11)
+    rows = []
+    for ranks in (16, 32, 64, 128, 256):
+        per_rank = math.ceil(blocks / ranks)
+        width = per_rank * block
+        exchange_s = max(n * width * 4, math.ceil(n / (ranks - 1)) * d * 4) / alltoall_Bps
+        gather_s = d * 4 / bandwidth["gather_columns_Bps"]
+        memory = n * width * 4 + math.ceil(n / (ranks - 1)) * d * 4
+        rows.append({"ranks": ranks, "blocks_per_rank": per_rank, "exchange_s": exchange_s, "weights_gather_s": gather_s,
+                     "krum_s": per_rank * gram_block + tree_s + scores_s, "median_s": per_rank * costs["median"] * sort_scale,
+                     "fedavg_s": per_rank * costs["weighted_sum"] * n / m,
+                     "memory_gib": memory / 2**30, "memory_with_tree_gib": (memory + (levels + 6) * partial_bytes) / 2**30})
+    return rows
+
+
+def _memory_estimates() -> list[dict]:
+    """The estimate of the memory check for a cohort of 2,000 of a 4.2M-parameter MLP
+    (MNIST-shaped inputs, one hidden layer of 5,330): rank 0 with the rows, and the
+    largest rank with transport: sharded over P ranks."""
+    from .config import load
+    from .preflight import server_memory, sharded_memory
+
+    class _Shape:
+        input_shape, num_classes = (1, 28, 28), 10
+
+    overrides = ["data.name=mnist", "clients.total=2000", "clients.per_round=2000", "model.hidden=[5330]",
+                 "aggregator.name=krum", "aggregator.f=100"]
+    rows, other, d = server_memory(load(None, overrides), _Shape())
+    out = [{"ranks": 1, "transport": "gather", "rank": 0, "gib": (rows + other) / 2**30, "d": d}]
+    cfg = load(None, [*overrides, "transport=sharded"])
+    for ranks in (2, 4, 8, 16):
+        needs = [sum(sharded_memory(cfg, d, r, ranks)) for r in range(ranks)]
+        out.append({"ranks": ranks, "transport": "sharded", "rank": int(np.argmax(needs)), "gib": max(needs) / 2**30,
+                    "rank0_gib": needs[0] / 2**30, "d": d})
+    return out
+
+
+def _largest_fits(node_gib: float = 64.0, reserve_gib: float = 1.0) -> list[dict]:
+    """From the memory check's estimate (one rank per node of ``node_gib``, ``reserve_gib``
+    for the interpreter, torch and the data): the largest cohort with d = 1e6, and the
+    largest d with a cohort of 2,000, that transport: sharded fits on P nodes (Krum, so
+    the block tree's n x n matrices count), against the rank-0 path (P = 1, gather)."""
+    from .config import load
+    from .preflight import sharded_memory
+
+    budget = (node_gib - reserve_gib) * 2**30
+
+    def fits(k: int, d: int, ranks: int) -> bool:
+        cfg = load(None, [f"clients.total={k}", f"clients.per_round={k}", "aggregator.name=krum", "transport=sharded"])
+        if ranks == 1:
+            return k * d * 4 + 8 * d * 8 <= budget  # the rank-0 path: rows and d-sized vectors
+        return all(sum(sharded_memory(cfg, d, r, ranks)) <= budget for r in (0, 1))
+
+    def largest(test, low: int, high: int) -> int:
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if test(mid) else (low, mid - 1)
+        return low
+
+    out = []
+    for ranks in (1, 4, 16, 64, 256):
+        out.append({"ranks": ranks, "node_gib": node_gib, "cohort_at_1e6": largest(lambda k: fits(k, 10**6, ranks), 1, 10**6),
+                    "d_at_2000": largest(lambda d: fits(2000, d, ranks), 1, 10**11)})
+    return out
+
+
+def _keep_fastest(results: dict, key: tuple, records: list[dict]) -> None:
+    if key not in results:
+        results[key] = records
+        return
+    for kept, new in zip(results[key], records):
+        kept["transfer_s"] = min(kept["transfer_s"], new["transfer_s"])
+        kept["maxrss"] = max(kept["maxrss"], new["maxrss"])
+        for name, rule in new["rules"].items():
+            kept["rules"][name]["s"] = min(kept["rules"][name]["s"], rule["s"])
+
+
+def bench_sharded(quick: bool = False) -> list[dict]:
+    n, d, block = 64, (1 << 18) if quick else (1 << 20), 4096
+    repeats = 2 if quick else 3
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for ranks in (1, 2, 4):
+            # the two paths alternate (gather, sharded, then sharded, gather): a shared machine's
+            # load drifts; each rule keeps its fastest pass, each rank its largest peak
+            for order in ((("gather", "sharded"),) if quick else (("gather", "sharded"), ("sharded", "gather"))):
+                for transport in order:
+                    path = os.path.join(tmp, f"{transport}{ranks}.json")
+                    subprocess.run([_mpirun(), "-n", str(ranks), sys.executable, "-m", "fedmpi.bench", "_sharded", path,
+                                    transport, str(n), str(d), str(block), str(repeats)], env=_env(), check=True)
+                    with open(path) as fh:
+                        _keep_fastest(results, (transport, ranks), json.load(fh))
+    size = f"n = {n}, d = 2^{int(math.log2(d))}"
+    rows = []
+    for ranks in (1, 2, 4):
+        gathered, sharded = results["gather", ranks], results["sharded", ranks]
+        for name in sharded[0]["rules"]:
+            s, g = sharded[0]["rules"][name]["s"], gathered[0]["rules"][name]["s"]
+            peak = max(r["held_bytes"] + r["rules"][name]["traced_peak"] for r in sharded)
+            rows.append(_row("sharded", f"{name}, {size}, {ranks} ranks", s, g, "s", s / g, "-", None,
+                             f"largest rank holds {peak / 2**20:.0f} MiB during it; rank 0 path "
+                             f"{gathered[0]['held_bytes'] + gathered[0]['rules'][name]['traced_peak']:.3g} B"))
+        rows.append(_row("sharded", f"transfer, {size}, {ranks} ranks: Alltoallw vs Gatherv", sharded[0]["transfer_s"],
+                         gathered[0]["transfer_s"], "s", sharded[0]["transfer_s"] / max(gathered[0]["transfer_s"], 1e-9),
+                         "-", None))
+        rank0 = sharded[0]["maxrss"] / gathered[0]["maxrss"]
+        rows.append(_row("sharded", f"rank 0 peak RSS, {size}, {ranks} ranks", sharded[0]["maxrss"] / 2**20,
+                         gathered[0]["maxrss"] / 2**20, "MiB", rank0, "~1/P", None,
+                         "largest rank: sharded " + f"{max(r['maxrss'] for r in sharded) / 2**20:.0f} MiB, rank-0 path "
+                         f"{max(r['maxrss'] for r in gathered) / 2**20:.0f} MiB"))
+    costs = _block_costs(block)
+    bandwidth = results["sharded", 4][0]["bandwidth"]
+    received = n * (d / 4) * 4 * 3 / 4  # what one of 4 ranks receives from the 3 others in the exchange
+    alltoall = received / max(results["sharded", 4][0]["transfer_s"], 1e-9)  # per rank
+    for name in ("gram", "median", "meamed", "weighted_sum"):
+        rows.append(_row("sharded", f"per-block cost, {name}, n = {costs['n']}, {block} columns, 1 core", costs[name],
+                         float("nan"), "s", float("nan"), "-", None))
+    rows.append(_row("sharded", "n x n float64 add, n = 2048 (one tree level's work)", costs["add"], float("nan"), "s",
+                     float("nan"), "-", None))
+    rows.append(_row("sharded", "Krum scores on rank 0, n = 2048", costs["krum_scores_2048"], float("nan"), "s",
+                     float("nan"), "-", None))
+    for label, value in (("tree message (8 MiB, rank 1 -> 0)", bandwidth["p2p_Bps"]),
+                         ("weights columns gather", bandwidth["gather_columns_Bps"]),
+                         ("Alltoallw exchange, received per rank", alltoall)):
+        rows.append(_row("sharded", f"bandwidth, {label}, 4 ranks", value / 1e9, float("nan"), "GB/s", float("nan"), "-",
+                         None))
+    for p in _projection(costs, bandwidth, alltoall):
+        rows.append(_row("sharded", f"projection, 10,000 x 1e6, {p['ranks']} ranks ({p['blocks_per_rank']} blocks each)",
+                         p["krum_s"], p["median_s"], "s", float("nan"), "-", None,
+                         f"Krum {p['krum_s']:.1f} s, median {p['median_s']:.1f} s, FedAvg {p['fedavg_s']:.2f} s, "
+                         f"exchange {p['exchange_s']:.1f} s, weights {p['weights_gather_s']:.3f} s; per rank "
+                         f"{p['memory_gib']:.1f} GiB of rows (+ tree {p['memory_with_tree_gib'] - p['memory_gib']:.1f} GiB)"))
+    for e in _memory_estimates():
+        rows.append(_row("sharded", f"memory estimate, 2000 x {e['d']:,}, {e['transport']}, {e['ranks']} ranks",
+                         e["gib"], float("nan"), "GiB", float("nan"), "-", None,
+                         f"largest: rank {e['rank']}" + (f"; rank 0 {e['rank0_gib']:.1f} GiB" if "rank0_gib" in e else "")))
+    for e in _largest_fits():
+        rows.append(_row("sharded", f"largest fit on {e['ranks']} node(s) of {e['node_gib']:g} GiB"
+                         + (" (rank-0 path)" if e["ranks"] == 1 else ""), e["cohort_at_1e6"], e["d_at_2000"], "rows / d",
+                         float("nan"), "-", None, f"cohort {e['cohort_at_1e6']:,} at d = 1e6; d = {e['d_at_2000']:,} "
+                         "at a cohort of 2,000"))
+    return rows
+
+
 SECTIONS = {"e2e": bench_e2e, "comm": bench_comm, "aggregation": bench_aggregation, "dp": bench_dp,
-            "startup": bench_startup, "memory": bench_memory}
+            "startup": bench_startup, "memory": bench_memory, "sweep": bench_sweep, "sharded": bench_sharded}
 
 
 def _fmt(value) -> str:
@@ -442,6 +841,9 @@ def main(argv: list | None = None) -> int:
         return 0
     if argv[:1] == ["_probe"]:
         return probe(argv[1], argv[argv.index("--") + 1:])
+    if argv[:1] == ["_sharded"]:
+        sharded_worker(argv[1], argv[2], *map(int, argv[3:7]))
+        return 0
     parser = argparse.ArgumentParser(prog="python -m fedmpi.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("sections", nargs="*", metavar="SECTION", help=f"{', '.join(SECTIONS)} or krum (default: all)")
     parser.add_argument("--json", metavar="PATH", help="also write every row as JSON")

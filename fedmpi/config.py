@@ -15,7 +15,10 @@ What each name may be and which keys it reads come from the registries
 (:data:`fedmpi.data.DATASETS`, :data:`fedmpi.architectures.ARCHITECTURES`,
 :data:`fedmpi.aggregation.RULES` and ``PRE_STEPS``, :data:`fedmpi.attacks.ATTACKS`,
 :data:`fedmpi.optimizers.OPTIMIZERS`): a key that only another entry reads, set
-to anything but its default, is refused with the entries that use it.
+to anything but its default, is refused with the entries that use it. A name
+that is an import path (``"package.module:attribute"``) is user code: step 2
+imports it and checks it against its contract, step 4 binds its ``params``
+(:mod:`fedmpi.extensions`).
 
 Data-dependent checks (files, the model against the data, memory, device) are
 :mod:`fedmpi.preflight`'s.
@@ -25,13 +28,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .aggregation import PRE_STEPS, RULES, check_f
+from . import extensions
+from .aggregation import PRE_STEPS, RULES, unmet_requirement
 from .architectures import ARCHITECTURES
 from .attacks import ATTACKS
 from .data import DATASETS
+from .extensions import is_path
 from .optimizers import OPTIMIZERS
 from .schema import (
     Config,
@@ -41,18 +47,20 @@ from .schema import (
     from_dict,
     plain,
     read_file,
+    replace,
 )
+from .sharded.rules import COLUMNWISE_ATTACKS, SHARDED_RULES, SHARDED_STEPS
 
 __all__ = ["Config", "ConfigError", "apply_override", "build", "flatten", "from_dict", "from_mapping", "load",
            "num_byzantine", "read_file", "resolve", "validate"]
 
-# section key -> (registry, the key naming the entry) for every name a registry holds
-REGISTRIES: dict[str, Mapping] = {
-    "data.name": DATASETS,
-    "model.name": ARCHITECTURES,
-    "server.optimizer": OPTIMIZERS,
-    "aggregator.name": RULES,
-    "attack.name": ATTACKS,
+# the key naming an entry -> (its registry, the kind of user code it may name instead)
+REGISTRIES: dict[str, tuple[Mapping, str]] = {
+    "data.name": (DATASETS, "dataset"),
+    "model.name": (ARCHITECTURES, "model"),
+    "server.optimizer": (OPTIMIZERS, "optimizer"),
+    "aggregator.name": (RULES, "rule"),
+    "attack.name": (ATTACKS, "attack"),
 }
 
 
@@ -74,11 +82,27 @@ def from_mapping(data: Mapping) -> Config:
 def build(data: Mapping) -> Config:
     """The typed config of a mapping, its registry names checked (nothing resolved)."""
     cfg = from_dict(data)
-    for key, registry in REGISTRIES.items():
-        _check_name(key, _get(cfg, key), registry)
+    for key, (registry, kind) in REGISTRIES.items():
+        _check_name(key, _get(cfg, key), registry, kind)
     for i, step in enumerate(cfg.aggregator.pre):
-        _check_name(f"aggregator.pre[{i}].name", step.name, PRE_STEPS)
-    return cfg
+        _check_name(f"aggregator.pre[{i}].name", step.name, PRE_STEPS, "pre_step")
+    return _typed_attack_params(cfg)
+
+
+def _typed_attack_params(cfg: Config) -> Config:
+    """``attack.params`` converted to the types the attack's entry declares (unknown
+    names, wrong types, values outside the allowed ones: one ConfigError line)."""
+    a = cfg.attack
+    if a.name == "none":  # validate() refuses params without an attack
+        return cfg
+    entry = extensions.attack(a.name)
+    typed = {}
+    for key, value in a.params.items():
+        if key not in entry.params:
+            names = ", ".join(entry.params) or "none"
+            raise ConfigError(f"attack.params.{key}", value, f"unknown parameter for {a.name} (allowed: {names})")
+        typed[key] = entry.params[key].convert(f"attack.params.{key}", value)
+    return replace(cfg, "attack.params", types.MappingProxyType(typed))
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -87,9 +111,12 @@ def _get(cfg: Any, key: str) -> Any:
     return cfg
 
 
-def _check_name(key: str, name: str, registry: Mapping) -> None:
-    if name not in registry:
-        raise ConfigError(key, name, "must be one of " + ", ".join(registry))
+def _check_name(key: str, name: str, registry: Mapping, kind: str) -> None:
+    """A built-in name, or user code (imported and checked against its contract)."""
+    if is_path(name):
+        extensions.load(kind, name, key)
+    elif name not in registry:
+        raise ConfigError(key, name, "must be one of " + ", ".join(registry) + ", or user code as 'package.module:attribute'")
 
 
 # --------------------------------------------------------------------------- resolve
@@ -105,13 +132,13 @@ def num_byzantine(cfg: Config) -> int:
 def resolve(cfg: Config) -> Config:
     """A new config with every default that depends on other keys filled in."""
     d, sv, g = cfg.data, cfg.server, cfg.aggregator
-    dataset = DATASETS[d.name]
+    dataset = extensions.dataset(d.name)
     data = dataclasses.replace(
         d,
         normalize=d.normalize or dataset.default_normalize,
         dir=d.dir if d.dir is not None or not dataset.default_dir else f"data/{d.name}",
     )
-    server = sv if sv.lr is not None else dataclasses.replace(sv, lr=OPTIMIZERS[sv.optimizer].default_lr)
+    server = sv if sv.lr is not None else dataclasses.replace(sv, lr=extensions.optimizer(sv.optimizer, sv.params).default_lr)
     aggregator = g
     if g.f is None:
         byz, c = num_byzantine(cfg) if _attack_counts_known(cfg) else 0, cfg.clients
@@ -163,6 +190,7 @@ def _only_used_by(section: Any, prefix: str, active: str, registry: Mapping, sel
 
 def validate(cfg: Config) -> None:
     """Check values that types alone cannot. ``cfg`` must be resolved; nothing changes."""
+    extensions.check_params(cfg)
     _at_least("seed", cfg.seed, 0)
     _at_least("rounds", cfg.rounds, 1)
     _at_least("threads", cfg.threads, 1)
@@ -201,14 +229,15 @@ def validate(cfg: Config) -> None:
         _positive("memory_limit_gb", cfg.memory_limit_gb)
     if cfg.transport == "reduce":
         reasons = []
-        if RULES[cfg.aggregator.name].needs_rows or cfg.aggregator.pre:
+        if extensions.rule(cfg.aggregator.name, cfg.aggregator.params).needs_rows or cfg.aggregator.pre:
             reasons.append(f"aggregator.name = {cfg.aggregator.name} needs every row")
-        if ATTACKS[cfg.attack.name].needs_rows:
+        if extensions.attack(cfg.attack.name).needs_rows:
             reasons.append(f"attack.name = {cfg.attack.name} is computed on rank 0 from the rows")
         if cfg.privacy.mode == "client_central":
             reasons.append("privacy.mode = client_central clips every row on rank 0")
         _require(not reasons, "transport", "reduce", "workers pre-sum FedAvg updates, but " + "; ".join(reasons)
                  + " (use transport: gather)")
+    _validate_sharded(cfg)
 
     _at_least("eval.every", cfg.eval.every, 1)
     _at_least("eval.batch_size", cfg.eval.batch_size, 1)
@@ -222,9 +251,33 @@ def validate(cfg: Config) -> None:
         _require(o.path.strip() != "", "output.path", o.path, "must not be empty")
 
 
+def _validate_sharded(cfg: Config) -> None:
+    """transport: sharded needs every step, the rule and any server-side attack to work on
+    column blocks; shard_block is its key."""
+    _at_least("shard_block", cfg.shard_block, 2)
+    if cfg.transport != "sharded":
+        _require(cfg.shard_block == Config.shard_block, "shard_block", cfg.shard_block,
+                 f"only used with transport = sharded (transport is {cfg.transport})")
+        return
+    g, a = cfg.aggregator, cfg.attack
+    for i, step in enumerate(g.pre):
+        _require(step.name in SHARDED_STEPS, f"aggregator.pre[{i}].name", step.name,
+                 f"has no column-block form for transport: sharded (it has: {', '.join(SHARDED_STEPS)})")
+    _require(g.name in SHARDED_RULES, "aggregator.name", g.name,
+             f"has no column-block form for transport: sharded (it has: {', '.join(SHARDED_RULES)})")
+    _require(extensions.attack(a.name).on_server is None or a.name in COLUMNWISE_ATTACKS, "attack.name", a.name,
+             "acts on whole rows on rank 0, which transport: sharded never gathers (coordinate-wise attacks that "
+             f"run on column blocks: {', '.join(sorted(COLUMNWISE_ATTACKS))}); use transport: gather")
+    _require(cfg.privacy.mode != "client_central", "privacy.mode", "client_central",
+             "clips and noises the rows on rank 0; not with transport: sharded (use transport: gather)")
+    _require(not is_path(cfg.server.optimizer), "server.optimizer", cfg.server.optimizer,
+             "user code steps the whole model on rank 0; transport: sharded steps each rank's columns with the "
+             f"built-in optimizers ({', '.join(OPTIMIZERS)}); use transport: gather")
+
+
 def _validate_data(cfg: Config) -> None:
     d = cfg.data
-    entry = DATASETS[d.name]
+    entry = extensions.dataset(d.name)
     for key, what in entry.required.items():
         _require(bool(getattr(d, key)), f"data.{key}", getattr(d, key), f"data.name = {d.name} needs data.{key}, {what}")
     _require(d.normalize in entry.normalize, "data.normalize", d.normalize,
@@ -243,7 +296,7 @@ def _validate_data(cfg: Config) -> None:
     _require(s.max_samples >= s.min_samples, "data.synthetic.max_samples", s.max_samples,
              f"must be >= data.synthetic.min_samples ({s.min_samples})")
     _at_least("data.synthetic.samples_sigma", s.samples_sigma, 0)
-    _only_used_by(d, "data.", d.name, DATASETS, "data.name")
+    _only_used_by(d, "data.", d.name, DATASETS, "data.name", general=("partition",) if is_path(d.name) else ())
 
 
 def _validate_attack(cfg: Config) -> None:
@@ -268,13 +321,6 @@ def _validate_attack(cfg: Config) -> None:
             _require(0 <= cid < total, f"attack.clients[{i}]", cid, f"must be a client id in 0..{total - 1}")
         _require(len(set(clients)) == len(clients), "attack.clients", clients, "must not repeat ids")
         _require(len(clients) < total, "attack.clients", clients, "must leave at least one honest client")
-    entry = ATTACKS[a.name]
-    for key, value in a.params.items():
-        if key not in entry.params:
-            names = ", ".join(entry.params) or "none"
-            raise ConfigError(f"attack.params.{key}", value, f"unknown parameter for {a.name} (allowed: {names})")
-        if key in entry.positive:
-            _positive(f"attack.params.{key}", value)
 
 
 def _validate_aggregator(cfg: Config) -> None:
@@ -283,23 +329,19 @@ def _validate_aggregator(cfg: Config) -> None:
     _at_least("aggregator.f", g.f, 0)
     for i, step in enumerate(g.pre):
         key = f"aggregator.pre[{i}]"
-        entry = PRE_STEPS[step.name]
+        entry = extensions.pre_step(step.name, step.params, f"{key}.name")
         _only_used_by(step, f"{key}.", step.name, PRE_STEPS, f"{key}.name")
         if "max_norm" in entry.reads:
             _require(step.max_norm is not None and step.max_norm > 0, f"{key}.max_norm", step.max_norm,
                      f"{step.name} needs max_norm > 0")
         if "bucket_size" in entry.reads:
             _at_least(f"{key}.bucket_size", step.bucket_size, 1)
-        if entry.min_rows is not None:
-            _require(n >= entry.min_rows(g.f), "aggregator.f", g.f,
-                     f"{step.name} needs {entry.requirement} (rows reaching it: {n})")
         n = entry.rows_after(n, step)
-    try:
-        check_f(g.name, n, g.f)
-    except ValueError as exc:
-        raise ConfigError("aggregator.f", g.f, f"{exc} (n: rows per round reaching the aggregator)") from None
     if g.m is not None:
         _require(1 <= g.m <= n, "aggregator.m", g.m, f"must be in 1..{n}")
+    steps = [extensions.pre_step(s.name, s.params, f"aggregator.pre[{i}].name") for i, s in enumerate(g.pre)]
+    problem = unmet_requirement(g, cfg.clients.per_round, g.f, extensions.rule(g.name, g.params), steps)
+    _require(problem is None, "aggregator.f", g.f, problem)
     _positive("aggregator.tau", g.tau)
     _at_least("aggregator.iterations", g.iterations, 1)
     _positive("aggregator.smoothing", g.smoothing)
@@ -342,7 +384,8 @@ def _validate_leakage(cfg: Config) -> None:
     v = cfg.audit.inversion
     if v.method != "none":
         _require(cfg.transport == "gather", "audit.inversion.method", v.method,
-                 "rank 0 attacks the update rows it receives, but transport = reduce never sends them (use transport: gather)")
+                 f"rank 0 attacks the update rows it receives, but transport = {cfg.transport} never gives it them "
+                 "(use transport: gather)")
         _require(bool(v.rounds), "audit.inversion.rounds", plain(v.rounds), "must name at least one round")
         for i, r in enumerate(v.rounds):
             _require(0 <= r < cfg.rounds, f"audit.inversion.rounds[{i}]", r, f"must be a round index in 0..{cfg.rounds - 1}")
@@ -370,3 +413,5 @@ def _validate_leakage(cfg: Config) -> None:
                  f"must be >= {low}: LiRA needs {low // 2} shadow(s) trained with and {low // 2} without every "
                  f"{m.level} ({'per_example variance needs two of each' if low == 4 else 'one of each'})")
         _at_least("audit.membership.every", m.every, 0)
+        _require(cfg.transport != "sharded", "audit.membership.level", m.level,
+                 "its shadow federations are trained through the gather or reduce transport; not with transport: sharded")

@@ -138,7 +138,7 @@ class InversionAudit:
 
     def attack(self, observed: Observed, writer: ResultsWriter) -> None:
         for slot, (cid, row, n) in enumerate(zip(observed.client_ids, observed.rows, observed.num_samples)):
-            if n == 0:  # the client trained on nothing (a membership audit's split): nothing to rebuild
+            if n == 0 or not np.isfinite(row).all():  # trained on nothing (a membership split), or a non-finite row
                 continue
             start = time.perf_counter()
             x_true, y_true = self.data.client(int(cid))
@@ -320,6 +320,7 @@ class MembershipAudit:
     def scores(self, model: FlatModel, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(cross-entropy, logit-scaled confidence) of ``weights`` per unit of the full training data."""
         model.set_weights(weights)
+        model.module.eval()
         logits, labels = [], []
         with torch.no_grad():
             for x, y in self.pool_batches():

@@ -292,11 +292,12 @@ def restrict(data, keep: list[np.ndarray]):
     full = data.full if data.full is not None else data
     if len(keep) != full.num_clients:
         raise ValueError(f"keep holds {len(keep)} clients; the data have {full.num_clients}")
+    sizes = np.array([int(np.count_nonzero(k)) for k in keep], dtype=np.int64)
     if full.generate is not None:
         def generate(cid: int, full=full, keep=keep) -> tuple:
             x, y = full.client(cid)
             return x[keep[cid]], y[keep[cid]]
 
-        return dataclasses.replace(full, generate=generate, _cache={}, full=full)
+        return dataclasses.replace(full, generate=generate, _cache={}, full=full, sizes=sizes)
     indices = [idx[k] for idx, k in zip(full.client_indices, keep)]
-    return dataclasses.replace(full, client_indices=indices, _cache={}, full=full)
+    return dataclasses.replace(full, client_indices=indices, _cache={}, full=full, sizes=sizes)

@@ -66,15 +66,18 @@ OPTIMIZERS: dict[str, Optimizer] = {
 
 
 class ServerOptimizer:
-    """The configured optimizer and its state (checkpointed as is)."""
+    """The configured optimizer and its state (checkpointed as is); ``entry``: its registry
+    entry (default ``OPTIMIZERS[cfg.optimizer]``; user code: :func:`fedmpi.extensions.optimizer`)."""
 
-    def __init__(self, cfg: ServerConfig, size: int):
+    def __init__(self, cfg: ServerConfig, size: int, entry: Optimizer | None = None):
         self.cfg = cfg
-        self.entry = OPTIMIZERS[cfg.optimizer]
+        self.entry = entry or OPTIMIZERS[cfg.optimizer]
         self.state: dict[str, np.ndarray] = self.entry.init_state(size, cfg)
 
     def step(self, weights: np.ndarray, update: np.ndarray) -> None:
         """Apply ``update`` (float64, shape (d,)) to ``weights`` (float32) in place."""
-        direction = self.entry.direction(update, self.state, self.cfg)
-        # float64 sum, rounded once to float32
-        np.add(weights, self.cfg.lr * direction, out=weights, casting="same_kind")
+        # an overflow makes the model non-finite, which the server reports as divergence
+        with np.errstate(over="ignore", invalid="ignore"):
+            direction = self.entry.direction(update, self.state, self.cfg)
+            # float64 sum, rounded once to float32
+            np.add(weights, self.cfg.lr * direction, out=weights, casting="same_kind")

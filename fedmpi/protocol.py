@@ -12,13 +12,19 @@ One round, message by message::
     Ibarrier, waited for asleep         <-------->   (every worker done training)
     gather: rows (K, d) float32         <-Gatherv--  my rows, one buffer
             records (K, R) float64      <-Gatherv--  one row of RECORD_FIELDS per slot
-    reduce: records                     <-Gatherv--
-            sum_i n_i update_i (d,)     <-Reduce---  float64, my slots pre-summed
+    reduce: records                     <-Gatherv--  with each row's norm and finite flag
+            sum_i n_i update_i (d,)     <-Reduce---  float64, my finite slots pre-summed
+    sharded: records                    <-Gatherv--
+            my blocks' columns (K, w)   <Alltoallw>  every rank: its blocks' columns of every row
+            (then every rank checks and aggregates its blocks, fedmpi.sharded.round;
+            rank 0 gathers the new weights' columns; STATE / LOAD headers move the
+            sharded server state for checkpoints)
 
-A STOP header carries the exit status every rank then ends with. A RUN
-header (membership audit only) switches the workers to another federation:
-run 0 is the audited run, runs 1..N its shadow federations
-(:mod:`fedmpi.leakage_audit`); the rounds that follow train that run's clients. Which slots a
+A STOP header carries the exit status every rank then ends with (the end of the
+run, a checkpoint after a signal, or divergence). A RUN header (membership audit
+only) switches the workers to another federation: run 0 is the audited run, runs
+1..N its shadow federations (:mod:`fedmpi.leakage_audit`); the rounds that follow
+train that run's clients. Which slots a
 rank trains depends on the world size, but what a client computes does not
 (its randomness is keyed by seed, round and client id), so the gathered (K, d)
 array is the same for any number of ranks.
@@ -38,15 +44,20 @@ from .aggregation import weighted_sum
 
 # Exit status of every rank (and of python -m fedmpi.run / fedmpi.sweep / fedmpi.analyze).
 EXIT_OK = 0
-EXIT_FAILED = 1  # a rank raised; the job was aborted with its traceback
+EXIT_FAILED = 1  # a rank raised (the job was aborted with its traceback), or user code broke its contract (one line)
 EXIT_BAD_INPUT = 2  # config, data, results file or budget refused before any work
 EXIT_FINISHED = 3  # python -m fedmpi.sweep --args: the entry has finished, nothing to run
 EXIT_CHECKPOINTED = 75  # SIGTERM / SIGUSR1: checkpoint written, continue with --resume (job scripts requeue)
+EXIT_DIVERGED = 4  # the global model (or every honest client's update) became non-finite; the run stopped after that round
 
-CMD_STOP, CMD_ROUND, CMD_RUN = 0, 1, 2
+CMD_STOP, CMD_ROUND = 0, 1
+CMD_STATE, CMD_LOAD = 2, 3  # transport: sharded: gather / scatter one part of the server state (header[1]: the part)
+CMD_RUN = 4  # membership audit: the federation (header[1]) whose clients the next rounds train
 
-# One float64 row per cohort slot, sent by the rank that trained it.
-RECORD_FIELDS = ("num_samples", "train_loss", "steps", "train_s", "clipped_fraction", "update_norm")
+# One float64 row per cohort slot, sent by the rank that trained it. update_norm and
+# finite (1.0 / 0.0) are the worker's check of the row, filled for transport: reduce only
+# (rank 0 checks gathered rows itself).
+RECORD_FIELDS = ("num_samples", "train_loss", "steps", "train_s", "clipped_fraction", "update_norm", "finite")
 RECORD = {name: i for i, name in enumerate(RECORD_FIELDS)}
 
 
@@ -60,9 +71,13 @@ def slot_counts(cohort_size: int, world_size: int) -> list[int]:
 
 
 def weighted_total(rows: np.ndarray, records: np.ndarray) -> np.ndarray:
-    """transport: reduce: sum_i n_i * update_i over one rank's slots, float64 (d,)."""
-    if not len(rows):
+    """transport: reduce: sum_i n_i * update_i over one rank's slots whose row is finite
+    (``records``' finite flag), float64 (d,). A non-finite row never enters the sum."""
+    keep = records[:, RECORD["finite"]] > 0
+    if not keep.any():
         return np.zeros(rows.shape[1])
+    if not keep.all():
+        rows, records = rows[keep], records[keep]
     return weighted_sum(rows, records[:, RECORD["num_samples"]])
 
 
@@ -76,16 +91,20 @@ class RoundOrder:
     cohort: np.ndarray | None = None
     weights: np.ndarray | None = None
     counts: list | None = None
+    command: int = CMD_ROUND  # CMD_STATE / CMD_LOAD (transport: sharded), with ``part``
+    part: int = 0
     run: int | None = None  # a RUN order: the federation whose clients the next rounds train
 
 
 class RoundMessages:
     """The messages of a round over ``comm`` (an MPI communicator wrapper from
     :mod:`fedmpi.comm`), for a model of ``size`` parameters. ``reduce``: workers
-    send the pre-summed weighted total instead of their rows."""
+    send the pre-summed weighted total instead of their rows. ``layout`` (a
+    :class:`fedmpi.sharded.layout.BlockLayout`, ``transport: sharded``): the rows
+    end as column blocks on every rank."""
 
-    def __init__(self, comm, size: int, reduce: bool):
-        self.comm, self.size, self.reduce = comm, size, reduce
+    def __init__(self, comm, size: int, reduce: bool, layout=None):
+        self.comm, self.size, self.reduce, self.layout = comm, size, reduce, layout
         self.header = np.zeros(3, dtype=np.int64)
         self.weights = np.empty(size, dtype=np.float32)  # a worker's copy of the global weights
         self.no_rows = np.empty((0, size), dtype=np.float32)
@@ -105,6 +124,11 @@ class RoundMessages:
         self.header[:] = (CMD_STOP, status, 0)
         self.comm.bcast_idle(self.header)
 
+    def send_command(self, command: int, part: int) -> None:
+        """Rank 0: a STATE or LOAD header (transport: sharded)."""
+        self.header[:] = (command, part, 0)
+        self.comm.bcast_idle(self.header)
+
     def send_run(self, run: int) -> None:
         """Rank 0: the rounds that follow train the clients of federation ``run``."""
         self.header[:] = (CMD_RUN, run, 0)
@@ -115,8 +139,10 @@ class RoundMessages:
         self.comm.bcast_idle(self.header)
         if self.header[0] == CMD_STOP:
             return RoundOrder(stop=True, status=int(self.header[1]))
+        if self.header[0] in (CMD_STATE, CMD_LOAD):
+            return RoundOrder(False, command=int(self.header[0]), part=int(self.header[1]))
         if self.header[0] == CMD_RUN:
-            return RoundOrder(False, run=int(self.header[1]))
+            return RoundOrder(False, command=CMD_RUN, run=int(self.header[1]))
         round_index, cohort_size = int(self.header[1]), int(self.header[2])
         cohort = np.empty(cohort_size, dtype=np.int64)
         self.comm.bcast(cohort)
@@ -150,3 +176,20 @@ class RoundMessages:
         self.comm.gather_rows(self.no_rows, rows, counts)
         self.comm.gather_rows(self.no_records, records, counts)
         return rows, None, records, counts
+
+    # ---- transport: sharded, both sides
+
+    def send_columns(self, rows: np.ndarray, records: np.ndarray, counts: list) -> np.ndarray:
+        """A worker: its slots' records to rank 0; its rows' columns to their blocks'
+        owners; returns this rank's columns of every row (K, w)."""
+        self.comm.barrier_idle()
+        self.comm.gather_rows(records, None, counts)
+        return self.comm.exchange_columns(rows, counts, self.layout.spans)
+
+    def receive_columns(self, cohort_size: int) -> tuple[np.ndarray, np.ndarray, list]:
+        """Rank 0: (its columns of every row (K, w), records (K, R), slots per rank)."""
+        counts = slot_counts(cohort_size, self.comm.size)
+        records = np.zeros((cohort_size, len(RECORD_FIELDS)))
+        self.comm.barrier_idle()
+        self.comm.gather_rows(self.no_records, records, counts)
+        return self.comm.exchange_columns(self.no_rows, counts, self.layout.spans), records, counts

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .protocol import EXIT_DIVERGED
 
 # name: (dtype, description). Floats that do not apply to a run are NaN.
 ROUND_FIELDS = {
@@ -43,6 +44,9 @@ ROUND_FIELDS = {
     "comm_s": ("f8", "seconds of broadcast and gather not spent training (wait + transfer)"),
     "aggregate_s": ("f8", "seconds rank 0 spent aggregating and stepping the server optimizer"),
     "eval_s": ("f8", "seconds rank 0 spent evaluating"),
+    "nonfinite_updates": ("i8", "updates that held a NaN or infinite value: excluded before aggregation, counted against f"),
+    "aggregation_skipped": ("bool", "too few finite updates for the rule's requirement: the model was left unchanged"),
+    "backdoor_accuracy": ("f8", "backdoor attack: share of the triggered test set classified as the target (NaN otherwise)"),
 }
 
 CLIENT_FIELDS = {
@@ -58,6 +62,7 @@ CLIENT_FIELDS = {
     "selected": ("bool", "the aggregate used this slot's update (after pre-aggregation, through the rows it went into)"),
     "score": ("f8", "the aggregator's score for the slot (Krum score, kept fraction, weight...); NaN where the rule has none"),
     "clipped_fraction": ("f8", "DP: share of this client's per-example gradients clipped (sample), or 1/0 for its update"),
+    "finite": ("bool", "every value of the update was finite; if not, it was excluded (selected false, score +inf)"),
 }
 
 
@@ -78,7 +83,11 @@ def progress_line(row: Mapping, rounds: int | None = None) -> str:
     acc = (f"acc {row['test_accuracy']:.4f}  loss {row['test_loss']:.4f}" if np.isfinite(row["test_accuracy"])
            else "acc    -    loss    -   ")
     eps = f"  eps {row['epsilon']:.3g}" if np.isfinite(row["epsilon"]) else ""
-    return f"round {where}  {acc}  train_loss {row['train_loss']:.4f}{eps}  {row['wall_s']:.2f} s"
+    backdoor = row.get("backdoor_accuracy", np.nan)
+    extra = f"  backdoor {backdoor:.4f}" if np.isfinite(backdoor) else ""
+    if row.get("nonfinite_updates", 0):
+        extra += f"  nonfinite {int(row['nonfinite_updates'])}" + (" (skipped)" if row.get("aggregation_skipped") else "")
+    return f"round {where}  {acc}  train_loss {row['train_loss']:.4f}{eps}{extra}  {row['wall_s']:.2f} s"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +151,7 @@ class ResultsWriter:
             f.create_dataset(f"privacy/{name}", data=np.float64(np.nan))
         f.create_dataset("privacy/accountant", data=np.bytes_(""), dtype="S8")
         f.create_dataset("run/finished", data=np.int8(0))
+        f.create_dataset("run/exit_status", data=np.int64(-1))
         f.create_dataset("run/wall_s", data=np.float64(np.nan))
         # two checkpoint slots: write the idle one, then point /checkpoint/current at it
         self.state_spec = dict(state_spec or {})
@@ -228,6 +238,13 @@ class ResultsWriter:
         self.f["model/final_round"][()] = round_index
         self.f["run/wall_s"][()] = time.perf_counter() - self._start
         self.f["run/finished"][()] = 1
+        self.f["run/exit_status"][()] = 0
+        self.f.flush()
+
+    def stopped(self, status: int) -> None:
+        """The run stopped before its last round with exit ``status`` (checkpointed
+        after a signal, or diverged)."""
+        self.f["run/exit_status"][()] = status
         self.f.flush()
 
     def close(self) -> None:
@@ -371,14 +388,17 @@ class RunResults:
     one row per round and cohort slot; ``final_model``: the last global weights
     the file holds (``/model/final`` once the run finished, else the latest
     snapshot or checkpoint, else None) and ``final_model_round`` its round;
-    ``finished``; ``privacy``: the final epsilon record (empty without DP).
+    ``finished``; ``privacy``: the final epsilon record (empty without DP);
+    ``exit_status``: /run/exit_status (-1 while running or after a kill).
     """
 
-    def __init__(self, path, config, attrs, rounds, clients, final_model, final_model_round, finished, privacy, layout):
+    def __init__(self, path, config, attrs, rounds, clients, final_model, final_model_round, finished, privacy, layout,
+                 exit_status=-1):
         self.path, self.config, self.attrs = path, config, attrs
         self.rounds, self.clients = rounds, clients
         self.final_model, self.final_model_round = final_model, final_model_round
         self.finished, self.privacy, self.layout = finished, privacy, layout
+        self.exit_status = exit_status
 
     def __repr__(self) -> str:
         return (f"RunResults({self.path!r}, rounds={len(self.rounds)}, clients={len(self.clients)}, "
@@ -415,6 +435,7 @@ def load(path: str) -> RunResults:
                             final, final_at = ds[:], int(rounds_ds[()])
             f["run/finished"].refresh()
             finished = bool(f["run/finished"][()])
+            status = exit_status(f)
             privacy = {}
             if "privacy" in f and f.attrs.get("dp_mode", "none") != "none":
                 for name in ("epsilon", "epsilon_median", "accountant"):
@@ -425,45 +446,63 @@ def load(path: str) -> RunResults:
                     privacy[name] = value.decode() if isinstance(value, bytes) else float(value)
         except (KeyError, OSError, ValueError) as exc:
             raise ResultsError(f"{path}: fedmpi results file is incomplete or damaged ({type(exc).__name__}: {exc})") from None
-    return RunResults(path, config, attrs, rounds, clients, final, final_at, finished, privacy, layout)
+    return RunResults(path, config, attrs, rounds, clients, final, final_at, finished, privacy, layout, status)
 
 
 # --------------------------------------------------------------------------- what other commands ask of a file
 
 
 def status(path: str) -> tuple[str, int]:
-    """("pending" | "partial" | "done", rounds in the file): no file yet, a run that has
-    not finished (or a damaged file: ``--resume`` says what is wrong), a finished run."""
+    """("pending" | "partial" | "done" | "diverged", rounds in the file): no file yet, a
+    run that has not finished (or a damaged file: ``--resume`` says what is wrong), a
+    finished run, a run that stopped because it diverged (resuming it would diverge
+    again)."""
     if not os.path.exists(path):
         return "pending", 0
     try:
         with open_checked(path) as f:
             f["run/finished"].refresh()
             f["rounds/round"].refresh()
-            return ("done" if f["run/finished"][()] else "partial"), int(f["rounds/round"].shape[0])
+            rounds = int(f["rounds/round"].shape[0])
+            if f["run/finished"][()]:
+                return "done", rounds
+            return ("diverged" if exit_status(f) == EXIT_DIVERGED else "partial"), rounds
     except ResultsError:
         return "partial", 0
 
 
+def exit_status(f) -> int:
+    """/run/exit_status of an open results file (-1: running, killed, or written before
+    the dataset existed)."""
+    if "exit_status" not in f["run"]:
+        return -1
+    f["run/exit_status"].refresh()
+    return int(f["run/exit_status"][()])
+
+
 def run_info(path: str) -> dict:
     """What deciding on a resume needs, cheaply: ``config`` (YAML text), ``attrs`` (root
-    attributes), ``finished``. Raises ResultsError for a file that cannot be used."""
+    attributes), ``finished``, ``exit_status``. Raises ResultsError for a file that
+    cannot be used."""
     with open_checked(path) as f:
         f["run/finished"].refresh()
-        return {"config": f.attrs["config"], "attrs": dict(f.attrs), "finished": bool(f["run/finished"][()])}
+        return {"config": f.attrs["config"], "attrs": dict(f.attrs), "finished": bool(f["run/finished"][()]),
+                "exit_status": exit_status(f)}
 
 
 class RoundFollower:
     """Iterate over the rows of /rounds (dicts of ROUND_FIELDS) as a run writes them.
 
     Waits for the file to appear and become readable; the iteration ends when the
-    run has finished and every row was seen (:attr:`finished` is then True), or
+    run has finished or stopped early (checkpointed after a signal, diverged: see
+    :attr:`exit_status`) and every row was seen (:attr:`finished` is then True), or
     after ``timeout_s`` seconds without a new row. Raises ResultsError for a file
     that is not fedmpi results or never becomes readable within ``timeout_s``."""
 
     def __init__(self, path: str, poll_s: float = 0.2, timeout_s: float | None = None):
         self.path, self.poll_s, self.timeout_s = path, poll_s, timeout_s
         self.finished = False
+        self.exit_status = -1
         self.seen = 0
 
     def _open(self):
@@ -491,15 +530,17 @@ class RoundFollower:
         f = self._open()
         try:
             rounds = f["rounds"]
+            names = [name for name in ROUND_FIELDS if name in rounds]  # a file written before a field existed
             last_progress = time.monotonic()
             while True:
-                for name in ROUND_FIELDS:
+                for name in names:
                     rounds[name].refresh()
                 f["run/finished"].refresh()
-                finished = bool(f["run/finished"][()])
-                available = min(rounds[name].shape[0] for name in ROUND_FIELDS)
+                self.exit_status = exit_status(f)
+                finished = bool(f["run/finished"][()]) or self.exit_status >= 0  # done, or stopped early
+                available = min(rounds[name].shape[0] for name in names)
                 for i in range(self.seen, available):
-                    yield {name: rounds[name][i] for name in ROUND_FIELDS}
+                    yield {name: rounds[name][i] for name in names}
                     self.seen += 1
                     last_progress = time.monotonic()
                 if finished and self.seen >= available:

@@ -10,7 +10,10 @@ no file at all.
 Names that select an entry of a registry (``data.name``, ``model.name``,
 ``aggregator.name``, ``attack.name``, ``server.optimizer``, the
 pre-aggregation steps) are plain strings here; :mod:`fedmpi.config` checks
-them against the registries, which are the one place that lists them.
+them against the registries, which are the one place that lists them, or, for
+user code named by import path (``"module:attribute"``), against
+:mod:`fedmpi.extensions`. The ``params`` of those sections (any YAML values)
+are that user code's parameters.
 
 Every problem is reported as one :class:`ConfigError` line that names the dotted
 key, the offending value and what is allowed, e.g.::
@@ -80,15 +83,16 @@ class SyntheticConfig:
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "digits"  # an entry of fedmpi.data.DATASETS
-    dir: str | None = None  # mnist / fashion_mnist IDX files; default data/<name>
+    dir: str | None = None  # the data set's files (mnist, fashion_mnist, cifar10, femnist, shakespeare...); default data/<name>
     path: str | None = None  # npz file with x_train, y_train, x_test, y_test
     test_fraction: float = 0.2  # digits and synthetic: share of samples held out for test
     # standard: scale to [0, 1], then subtract the training set's mean and divide by
     # its std, per channel; unit: [0, 1] only; none: values as stored.
-    # Default: the data set's own (none for synthetic, standard for the others).
+    # Default: the data set's own (none for synthetic, femnist and shakespeare, standard for the others).
     normalize: Literal["standard", "unit", "none"] | None = None
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    params: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))  # an extension data set's parameters
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,7 @@ class ClientsConfig:
 class ModelConfig:
     name: str = "mlp"  # an entry of fedmpi.architectures.ARCHITECTURES
     hidden: tuple[int, ...] = (200, 200)  # mlp only
+    params: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))  # an extension model's parameters
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,7 @@ class ServerConfig:
     beta1: float = 0.9  # fedadam
     beta2: float = 0.99  # fedadam
     tau: float = 1e-3  # fedadam adaptivity (Reddi et al. 2021)
+    params: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))  # an extension optimizer's parameters
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,7 @@ class PreAggregationConfig:
     name: str = "clip"  # an entry of fedmpi.aggregation.PRE_STEPS
     bucket_size: int = 2  # bucketing: rows per bucket
     max_norm: float | None = None  # clip: required
+    params: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))  # an extension step's parameters
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,7 @@ class AggregatorConfig:
     tol: float = 1e-10  # geometric_median: stop when a step moves less than this (relative)
     max_iter: int = 1000  # geometric_median
     pre: tuple[PreAggregationConfig, ...] = ()
+    params: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))  # an extension rule's parameters
 
 
 @dataclass(frozen=True)
@@ -154,7 +162,7 @@ class AttackConfig:
     name: str = "none"  # an entry of fedmpi.attacks.ATTACKS
     fraction: float | None = None  # share of clients.total that is Byzantine (seeded draw), or
     clients: tuple[int, ...] | None = None  # the Byzantine client ids
-    params: Mapping[str, float] = field(default_factory=lambda: types.MappingProxyType({}))  # per attack
+    params: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))  # per attack, typed by its entry
 
 
 @dataclass(frozen=True)
@@ -226,9 +234,10 @@ class Config:
     threads: int = 1  # torch threads per rank; ranks are the parallelism
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # cuda: GPU local_rank % GPUs per node; auto: cuda if present
     # gather: every update row reaches rank 0 (any aggregator, per-client records);
-    # reduce: workers pre-sum weighted updates, one MPI Reduce (FedAvg only, O(d) memory on rank 0)
-    transport: Literal["gather", "reduce"] = "gather"
-    memory_limit_gb: float | None = None  # rank 0's budget; default: the node's available memory
+    # reduce: workers pre-sum weighted updates, one MPI Reduce (FedAvg only, O(d) memory on rank 0);
+    # sharded: every rank holds column blocks of every row and aggregates them (any rule, O(K d / P) per rank)
+    transport: Literal["gather", "reduce", "sharded"] = "gather"
+    memory_limit_gb: float | None = None  # each rank's budget; default: the node's available memory (shared by its ranks)
     data: DataConfig = field(default_factory=DataConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -239,6 +248,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    shard_block: int = 4096  # transport sharded: columns per block (fixed: results do not depend on the rank count)
     audit: AuditConfig = field(default_factory=AuditConfig)
 
     def to_dict(self) -> dict:
@@ -277,7 +287,7 @@ def replace(cfg: Any, key: str, value: Any) -> Any:
 
 
 def flatten(config: Mapping, prefix: str = "") -> dict:
-    """Nested config mapping -> {"a.b.c": value}; lists and ``attack.params`` stay values."""
+    """Nested config mapping -> {"a.b.c": value}; lists and every ``params`` mapping stay values."""
     flat = {}
     for key, value in config.items():
         name = f"{prefix}{key}"

@@ -21,10 +21,16 @@ PURPOSES = {
     "byzantine_set": 8,
     "attack": 9,
     "server_noise": 10,
-    "bucketing": 11,
-    "inversion": 12,
-    "membership": 13,
-    "shadow": 14,
+    "bucketing": 11,  # also a user pre-aggregation step's generator: (round, step index)
+    "natural_clients": 12,
+    "rule": 13,  # a user aggregation rule's generator on rank 0: (round)
+    "dataset": 14,  # a user data set's generator, the same on every rank
+    "client_torch": 15,  # torch's global generator while a client trains (dropout): (round, client id)
+    "probe": 16,  # inputs on which user code is tried before the run
+    "server_attack": 17,  # an on_server attack's generator on rank 0: (round)
+    "inversion": 18,  # a gradient-inversion attack's random starts on rank 0: (round, client id)
+    "membership": 19,  # membership splits: (0, client) the audited run's, (1, client) the shadows'
+    "shadow": 20,  # a shadow federation's experiment seed: (shadow index)
 }
 
 

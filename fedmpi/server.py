@@ -6,23 +6,36 @@
    ``clients.per_round`` distinct ids, or Poisson sampling;
 2. collect the cohort's updates through the clients interface (workers over
    MPI, or this process), in slot order; omniscient attackers (the attack's
-   ``on_server`` hook) then replace the Byzantine rows, and every row's norm
-   is taken;
+   ``on_server`` hook, with a :class:`fedmpi.attacks.ServerContext`) then
+   replace the Byzantine rows, and every row is checked: its norm and whether it
+   is finite (:func:`fedmpi.aggregation.norms_and_finite`);
 3. aggregate (:func:`build_aggregator`: the rule with its pre-aggregation
-   steps, the pre-summed mean of ``transport: reduce``, or central DP);
-4. step the server optimizer;
+   steps, the pre-summed mean of ``transport: reduce``, or central DP) over the
+   finite rows; a row with a NaN or infinite value is left out and counts
+   against f;
+4. step the server optimizer (not when too few finite rows remained for the
+   rule: the round then leaves the model and the server's state unchanged);
 5. account privacy;
-6. evaluate (every ``eval.every`` rounds and after the last);
+6. evaluate (every ``eval.every`` rounds, after the last, and after a round in
+   which the run diverged), and the attack's success rate on its triggered test
+   set (the backdoor);
 7. record: append the round to the HDF5 file (flushed), print one line;
 8. leakage audits (``audit.inversion``), outside the round's clock.
 
 After the last round the membership audit (``audit.membership``) trains its
 shadow federations through the same clients, then the workers are told to stop
-and the final model is written. A checkpoint (weights, server optimizer, aggregator and accountant
-state: everything else is keyed by seed and round) is written every
+and the final model is written. A checkpoint (weights, server optimizer,
+aggregator, accountant and attack state: everything else is keyed by seed and
+round) is written every
 ``output.checkpoint_every`` rounds, at the end, and after the round in which
 SIGTERM or SIGUSR1 arrived; the run then stops and ``--resume`` continues it
 bit for bit.
+
+A run diverges when, after a round, the global model holds a NaN or infinite
+value, or no honest client of the round sent a finite update (local training
+diverged from the global model): it stops after that round, with the round
+recorded, one line naming it and what to check, and exit status
+:data:`fedmpi.protocol.EXIT_DIVERGED` on every rank.
 """
 
 from __future__ import annotations
@@ -33,17 +46,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import attacks, seeding
-from .aggregation import row_norms
+from . import attacks, extensions, seeding
+from .aggregation import norms_and_finite
 from .data import FederatedData
+from .extensions import ExtensionFailed
 from .models import FlatModel
 from .optimizers import ServerOptimizer
 from .privacy.accounting import RunAccountant
 from .privacy.client_level import CentralDP
-from .protocol import EXIT_CHECKPOINTED, EXIT_OK
+from .protocol import EXIT_CHECKPOINTED, EXIT_DIVERGED, EXIT_FAILED, EXIT_OK
 from .results import ClientRecords, ResultsWriter, RoundRecord, progress_line
 from .rounds import Aggregate, PresummedMean, RuleAggregator, Updates
 from .schema import Config
+from .sharded.round import ShardedAggregator, ShardedServerOptimizer
 from .training import evaluate
 
 
@@ -57,14 +72,42 @@ def sample_cohort(cfg: Config, round_index: int) -> np.ndarray:
     return np.sort(g.choice(c.total, size=c.per_round, replace=False)).astype(np.int64)
 
 
-def build_aggregator(cfg: Config, size: int):
+def build_aggregator(cfg: Config, size: int, clients=None):
     """The aggregator a config asks for: central client-level DP, the pre-summed mean
-    of ``transport: reduce``, or the rule with its pre-aggregation steps."""
+    of ``transport: reduce``, the rule with its pre-aggregation steps over the rows, or
+    over column blocks (``transport: sharded``; ``clients.context`` says which)."""
     if cfg.privacy.mode == "client_central":
         return CentralDP(cfg, size)
     if cfg.transport == "reduce":
         return PresummedMean(cfg, size)
+    if cfg.transport == "sharded":
+        return ShardedAggregator(cfg, size, clients.context)
     return RuleAggregator(cfg, size)
+
+
+def build_optimizer(cfg: Config, size: int, clients=None):
+    """The server optimizer over the whole model, or over rank 0's columns of it with
+    the other columns stepped where they live (``transport: sharded``)."""
+    if cfg.transport == "sharded":
+        return ShardedServerOptimizer(cfg.server, clients.context)
+    return ServerOptimizer(cfg.server, size, extensions.optimizer(cfg.server.optimizer, cfg.server.params))
+
+
+def _state_of(holder) -> dict:
+    """An optimizer's or aggregator's state as whole arrays (gathered from every rank's
+    columns where it lives in columns)."""
+    gather = getattr(holder, "gather_state", None)
+    return gather() if gather is not None else holder.state
+
+
+def _load_part(holder, values: dict) -> None:
+    """A checkpoint's part of the state into an optimizer or aggregator: in place, or
+    through ``load_state`` where the state lives in columns on every rank."""
+    if hasattr(holder, "load_state"):
+        holder.load_state(values)
+        return
+    for key, value in holder.state.items():
+        value[...] = values[key]
 
 
 @dataclass
@@ -79,6 +122,7 @@ class Privacy:
 class Evaluation:
     test_loss: float = np.nan
     test_accuracy: float = np.nan
+    backdoor_accuracy: float = np.nan  # the attack's success rate on its triggered test set
 
 
 class Stopwatch:
@@ -106,23 +150,30 @@ class ServerLoop:
                  writer: ResultsWriter | None, quiet: bool = False):
         self.cfg, self.clients, self.data, self.model = cfg, clients, data, model
         self.weights, self.writer, self.quiet = weights, writer, quiet
-        self.optimizer = ServerOptimizer(cfg.server, model.size)
-        self.aggregator = build_aggregator(cfg, model.size)
+        self.optimizer = build_optimizer(cfg, model.size, clients)
+        self.aggregator = build_aggregator(cfg, model.size, clients)
         a = cfg.attack
-        self.attack = attacks.ATTACKS[a.name]
+        self.attack = extensions.attack(a.name)
         self.byzantine_ids = attacks.byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients)
-        self.attack_params = attacks.resolved_params(a.name, a.params, cfg.clients.per_round)
+        self.attack_params = attacks.resolved_params(cfg, data, self.attack)
+        self.attack_state: dict[str, np.ndarray] = self.attack.state(model.size) if self.attack.state else {}
+        self.triggered = None  # the attack's triggered test set: (x, y)
+        if self.attack.triggered_test is not None and data.x_test is not None:
+            self.triggered = self.attack.triggered_test(data.x_test, data.y_test, self.attack_params)
         self.accountant = RunAccountant(cfg) if cfg.privacy.mode != "none" else None
         self.last_accuracy = np.nan
+        self.diverged: str | None = None  # what went non-finite in the last round
         self.stop_signal: str | None = None  # set by a signal handler: checkpoint and stop after this round
         self.leakage = None  # fedmpi.leakage_audit.LeakageAudit when the config has audit.inversion / audit.membership
 
     # ---- state a checkpoint holds (everything else is keyed by seed and round)
 
     def parts(self) -> dict[str, dict]:
-        parts = {"optimizer": self.optimizer.state, "aggregator": self.aggregator.state}
+        parts = {"optimizer": _state_of(self.optimizer), "aggregator": _state_of(self.aggregator)}
         if self.accountant is not None:
             parts["accountant"] = self.accountant.state()
+        if self.attack_state:
+            parts["attack"] = self.attack_state
         return parts
 
     def state(self) -> dict[str, np.ndarray]:
@@ -133,29 +184,45 @@ class ServerLoop:
 
     def load_state(self, weights: np.ndarray, state: dict) -> None:
         self.weights[:] = weights
-        for part, values in (("optimizer", self.optimizer.state), ("aggregator", self.aggregator.state)):
-            for key, value in values.items():
-                value[...] = state[f"{part}/{key}"]
+        for part, holder in (("optimizer", self.optimizer), ("aggregator", self.aggregator)):
+            _load_part(holder, {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(part + "/")})
+        for key, value in self.attack_state.items():
+            value[...] = state[f"attack/{key}"]
         if self.accountant is not None:
             self.accountant.load_state({k.split("/", 1)[1]: v for k, v in state.items() if k.startswith("accountant/")})
 
     # ---- the run
 
-    def run(self, start_round: int = 0) -> bool:
-        """Run rounds ``start_round``.. to the end; False when a signal stopped it early
-        (after writing a checkpoint)."""
+    def run(self, start_round: int = 0) -> int:
+        """Run rounds ``start_round``.. to the end; return the exit status every rank
+        ends with: EXIT_OK, EXIT_CHECKPOINTED when a signal stopped it early (after
+        writing a checkpoint), EXIT_DIVERGED when the run diverged. User code that
+        breaks its contract stops the run: the workers are told to stop,
+        :class:`ExtensionFailed` names the round."""
         run_start = time.perf_counter()
         every = self.cfg.output.checkpoint_every
         for r in range(start_round, self.cfg.rounds):
-            self.run_round(r)
+            try:
+                self.run_round(r)
+            except ExtensionFailed as exc:
+                self.clients.stop(EXIT_FAILED)
+                kept = f"rounds 0-{r - 1} are" if r > 1 else "round 0 is" if r == 1 else "no round is"
+                raise ExtensionFailed(exc.key, exc.path, f"{exc.problem} in round {r} (0-based); the run stopped, "
+                                      f"{kept} in {self.writer.path}") from None
+            if self.diverged is not None:
+                self.clients.stop(EXIT_DIVERGED)  # every rank ends with this status
+                self.writer.stopped(EXIT_DIVERGED)
+                print(f"fedmpi: the run diverged in round {r + 1}: {self.diverged}; stopped after it (exit status "
+                      f"{EXIT_DIVERGED}); its rounds are in {self.writer.path}", file=sys.stderr, flush=True)
+                return EXIT_DIVERGED
             if self.stop_signal is not None or (every and (r + 1) % every == 0 and r + 1 < self.cfg.rounds):
                 self.writer.checkpoint(r, self.weights, self.state())
             if self.stop_signal is not None and r + 1 < self.cfg.rounds:
                 return self.stop_checkpointed(r)
         if self.leakage is not None and not self.leakage.after_run(self):  # membership audit: shadow federations
             return self.stop_checkpointed(self.cfg.rounds - 1)
-        self.clients.stop(EXIT_OK)
         self.writer.checkpoint(self.cfg.rounds - 1, self.weights, self.state())  # lets --resume extend the run
+        self.clients.stop(EXIT_OK)  # after the checkpoint: sharded state is gathered from the workers
         privacy = self.final_privacy()
         self.writer.finish(self.cfg.rounds - 1, self.weights, privacy)
         if self.leakage is not None and not self.quiet:
@@ -164,15 +231,16 @@ class ServerLoop:
         if not self.quiet:
             print(f"done: {self.cfg.rounds - start_round} rounds in {time.perf_counter() - run_start:.1f} s; "
                   f"final test accuracy {self.last_accuracy:.4f}; results in {self.writer.path}", flush=True)
-        return True
+        return EXIT_OK
 
-    def stop_checkpointed(self, r: int) -> bool:
+    def stop_checkpointed(self, r: int) -> int:
         """After a signal: every rank ends with EXIT_CHECKPOINTED (the checkpoint after round r is written)."""
         self.clients.stop(EXIT_CHECKPOINTED)
+        self.writer.stopped(EXIT_CHECKPOINTED)
         print(f"fedmpi: {self.stop_signal} received; checkpoint after round {r + 1} written to "
               f"{self.writer.path}; continue with: python -m fedmpi.run --resume {self.writer.path}",
               file=sys.stderr, flush=True)
-        return False
+        return EXIT_CHECKPOINTED
 
     def run_round(self, r: int) -> None:
         """One round: sample, collect, aggregate, step, account, evaluate, record; then the
@@ -183,12 +251,15 @@ class ServerLoop:
         observed = self.leakage.observe(r, updates, self.weights) if self.leakage is not None else None
         clock.lap("collect")
         result = self.aggregator(updates, r)
-        self.optimizer.step(self.weights, result.vector)
+        if result.skipped is None:
+            self.optimizer.step(self.weights, result.vector)
         privacy = self.account(updates)
+        self.diverged = self.divergence(updates)
         clock.lap("aggregate")
-        evaluation = self.evaluate(r)
+        evaluation = self.evaluate(r, last=self.diverged is not None)
         clock.lap("eval")
         self.record(r, updates, result, privacy, evaluation, clock)
+        self.warn(r, updates, result)
         if self.leakage is not None:
             self.leakage.after_round(r, observed, self.weights)
 
@@ -196,34 +267,93 @@ class ServerLoop:
         """A round without accounting, evaluation or records: sample, collect, aggregate,
         step (the membership audit's shadow federations)."""
         updates = self.collect(r, sample_cohort(self.cfg, r))
-        self.optimizer.step(self.weights, self.aggregator(updates, r).vector)
+        result = self.aggregator(updates, r)
+        if result.skipped is None:
+            self.optimizer.step(self.weights, result.vector)
 
     # ---- the steps
 
     def collect(self, r: int, cohort: np.ndarray) -> Updates:
-        """The cohort's updates; omniscient attackers replace their rows; norms per slot."""
+        """The cohort's updates; omniscient attackers replace their rows; each slot's
+        norm and whether its row is finite."""
         updates = self.clients.collect(r, cohort, self.weights)
         updates.byzantine = np.isin(cohort, self.byzantine_ids)
-        if updates.rows is None:  # pre-summed: the norms came with the records
+        if updates.rows is None:  # pre-summed: each row's check came with the records
             updates.norms = updates.record("update_norm")
+            updates.finite = updates.record("finite") > 0
             return updates
-        if self.attack.on_server is not None:
-            self.attack.on_server(updates.rows, updates.byzantine, self.attack_params)
-        updates.norms = row_norms(updates.rows) if len(cohort) else np.empty(0)
+        if self.attack.on_server is not None and len(cohort):
+            arrived_finite = norms_and_finite(updates.rows)[1]
+            with np.errstate(over="ignore", invalid="ignore"):  # what the attack makes is checked below
+                self.attack.on_server(updates.rows, updates.byzantine, self.attack_params,
+                                      self.attack_context(r, updates, arrived_finite))
+        if len(cohort):
+            updates.norms, updates.finite = norms_and_finite(updates.rows)
+        else:
+            updates.norms, updates.finite = np.empty(0), np.empty(0, dtype=bool)
         return updates
+
+    def attack_context(self, r: int, updates: Updates, finite: np.ndarray) -> attacks.ServerContext:
+        """What an on_server attack knows this round (full knowledge of the rule)."""
+        k, f = len(updates.cohort), self.cfg.aggregator.f
+
+        def aggregate(rows: np.ndarray):
+            try:
+                return self.aggregator.simulate(rows, max(0, f - (k - len(rows))), r)
+            except ValueError as exc:
+                raise attacks.Inapplicable(str(exc)) from None
+
+        return attacks.ServerContext(round_index=r, cohort=updates.cohort, finite=finite,
+                                     honest=~updates.byzantine & finite, f=f, aggregate=aggregate,
+                                     rng=seeding.rng(self.cfg.seed, "server_attack", r), state=self.attack_state)
+
+    def divergence(self, updates: Updates) -> str | None:
+        """What went non-finite this round (the run then stops), or None: the global
+        model, or every honest client's update (local training diverged)."""
+        cfg = self.cfg
+        learning = f"check the learning rates (train.lr = {cfg.train.lr:g}, server.lr = {cfg.server.lr:g})"
+        attack = (f", or the defence against attack.name = {cfg.attack.name} (aggregator.name = {cfg.aggregator.name})"
+                  if cfg.attack.name != "none" else "")
+        if not np.isfinite(self.weights).all():
+            return (f"the global model holds NaN or infinite values; {learning} and the server optimizer "
+                    f"(server.optimizer = {cfg.server.optimizer}){attack}")
+        honest = ~updates.byzantine & (updates.samples > 0)
+        if honest.any() and updates.finite is not None and not (updates.finite & honest).any():
+            return f"no honest client's update was finite (local training diverged); {learning}{attack}"
+        return None
+
+    def warn(self, r: int, updates: Updates, result: Aggregate) -> None:
+        """A line for a round in which honest clients' training loss is not finite, and
+        one for a round the rule could not aggregate."""
+        honest = ~updates.byzantine & (updates.samples > 0)
+        bad_loss = honest & ~np.isfinite(updates.record("train_loss"))
+        if bad_loss.any():
+            print(f"fedmpi: warning: round {r + 1}: the local training loss of {int(bad_loss.sum())} of "
+                  f"{int(honest.sum())} honest clients is not finite; check train.lr ({self.cfg.train.lr:g})",
+                  file=sys.stderr, flush=True)
+        if result.skipped is not None:
+            k, kept = len(updates.cohort), len(updates.kept)
+            what = (f"none of the {k} updates was finite" if not kept else
+                    f"{k - kept} of {k} updates were not finite and the rest cannot be aggregated ({result.skipped})")
+            print(f"fedmpi: warning: round {r + 1}: {what}: the model was left unchanged", file=sys.stderr, flush=True)
 
     def account(self, updates: Updates) -> Privacy:
         if self.accountant is None:
             return Privacy()
         return Privacy(*self.accountant.after_round(updates.cohort, updates.samples))
 
-    def evaluate(self, r: int) -> Evaluation:
+    def evaluate(self, r: int, last: bool = False) -> Evaluation:
+        """Every ``eval.every`` rounds, after the last, and after a round that ends the
+        run early (``last``: it diverged)."""
         cfg = self.cfg
-        if r != cfg.rounds - 1 and (r + 1) % cfg.eval.every != 0:
+        if not last and r != cfg.rounds - 1 and (r + 1) % cfg.eval.every != 0:
             return Evaluation()
         loss, accuracy = evaluate(self.model, self.weights, self.data.x_test, self.data.y_test, cfg.eval.batch_size)
         self.last_accuracy = accuracy
-        return Evaluation(loss, accuracy)
+        backdoor = np.nan
+        if self.triggered is not None and len(self.triggered[1]):
+            backdoor = evaluate(self.model, self.weights, *self.triggered, cfg.eval.batch_size)[1]
+        return Evaluation(loss, accuracy, backdoor)
 
     def record(self, r: int, updates: Updates, result: Aggregate, privacy: Privacy, evaluation: Evaluation,
                clock: Stopwatch) -> None:
@@ -240,24 +370,27 @@ class ServerLoop:
         if p.mode == "sample":
             seen = samples * steps
             clipped_round = float(np.average(clipped, weights=seen)) if seen.sum() else np.nan
-        else:
-            clipped_round = float(clipped.mean()) if dp and k else np.nan
+        else:  # client modes: over the updates the aggregate could use
+            kept = clipped if len(updates.kept) == k else clipped[updates.kept]
+            clipped_round = float(kept.mean()) if dp and len(kept) else np.nan
         collect_s = clock.laps["collect"]
         row = RoundRecord(
             round=r, cohort_size=k, test_accuracy=evaluation.test_accuracy, test_loss=evaluation.test_loss,
-            train_loss=train_loss, update_norm=float(np.linalg.norm(result.vector)),
+            train_loss=train_loss, update_norm=result.norm if result.norm is not None else float(np.linalg.norm(result.vector)),
             byzantine_in_cohort=int(updates.byzantine.sum()),
             byzantine_selected=int((updates.byzantine & result.selected).sum()),
             epsilon=privacy.epsilon, epsilon_median=privacy.epsilon_median, delta=p.delta if dp else np.nan,
             noise_multiplier=p.noise_multiplier if dp else np.nan, clip_norm=p.max_grad_norm if dp else np.nan,
             clipped_fraction=clipped_round, wall_s=clock.total, train_s=train_s,
             comm_s=max(0.0, collect_s - train_s), aggregate_s=clock.laps["aggregate"], eval_s=clock.laps["eval"],
+            nonfinite_updates=k - len(updates.kept), aggregation_skipped=result.skipped is not None,
+            backdoor_accuracy=evaluation.backdoor_accuracy,
         )
         self.writer.append_round(row, ClientRecords(
             round=np.full(k, r), slot=np.arange(k), client_id=updates.cohort, num_samples=samples.astype(np.int64),
             update_norm=updates.norms, train_loss=updates.record("train_loss"), steps=steps.astype(np.int64),
             train_s=updates.record("train_s"), byzantine=updates.byzantine, selected=result.selected,
-            score=result.scores, clipped_fraction=clipped,
+            score=result.scores, clipped_fraction=clipped, finite=updates.finite,
         ))
         if self.writer.snapshot_every and (r + 1) % self.writer.snapshot_every == 0:
             self.writer.snapshot(r, self.weights)

@@ -15,6 +15,8 @@ the expected batch size q n.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,7 +66,14 @@ class LocalTrainer:
 
     def train(self, global_weights: np.ndarray, x: np.ndarray, y: np.ndarray, round_index: int,
               client_id: int, out: np.ndarray) -> ClientResult:
-        """Train one client from ``global_weights``; write its update into ``out``."""
+        """Train one client from ``global_weights``; write its update into ``out``. The
+        model is in train mode, torch's global generator (dropout) keyed by the client."""
+        self.model.module.train()
+        with client_torch_rng(self.cfg.seed, round_index, client_id, self.model.device):
+            return self._train(global_weights, x, y, round_index, client_id, out)
+
+    def _train(self, global_weights: np.ndarray, x: np.ndarray, y: np.ndarray, round_index: int,
+               client_id: int, out: np.ndarray) -> ClientResult:
         t, p = self.cfg.train, self.cfg.privacy
         model, flat, grad = self.model.module, self.model.flat, self.model.grad
         self.model.set_weights(global_weights)
@@ -117,9 +126,20 @@ class LocalTrainer:
                             clipped / seen if self.dp and seen else float("nan"))
 
 
+@contextmanager
+def client_torch_rng(seed: int, round_index: int, client_id: int, device: torch.device) -> Iterator[None]:
+    """torch's global generator keyed by (seed, "client_torch", round, client id) inside,
+    restored after: what a model draws from it (dropout) does not depend on which
+    clients the rank trained before. The built-in models draw nothing from it."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seeding.torch_seed(seed, "client_torch", round_index, client_id))
+        yield
+
+
 def evaluate(model: FlatModel, weights: np.ndarray, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``weights`` on (x, y)."""
+    """(mean cross-entropy, accuracy) of ``weights`` on (x, y), the model in eval mode."""
     model.set_weights(weights)
+    model.module.eval()
     loss_sum, correct = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(y), batch_size):

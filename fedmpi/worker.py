@@ -3,12 +3,16 @@
 :class:`ClientHost` trains a rank's share of the cohort, one client after
 another, on one flat model: local training, then what a Byzantine client does
 to its data or its update (its attack's ``on_data`` / ``on_update`` hooks), and
-local client-level DP for honest clients.
+local client-level DP for honest clients. With ``transport: reduce`` each row is
+checked here (norm and finite flag, :func:`fedmpi.aggregation.norms_and_finite`)
+and only finite rows enter the pre-summed total.
 
 Rank 0 reaches the clients through one interface, ``collect(round, cohort,
 weights) -> Updates`` and ``stop(status)``: :class:`RemoteClients` over MPI
 (the workers run :func:`serve`), or :class:`LocalClients` in a single process,
 where rank 0 trains the cohort itself. Both produce the same bytes.
+:class:`ShardedClients` (``transport: sharded``) leaves rank 0 only its blocks'
+columns of the rows, already checked (:mod:`fedmpi.sharded.round`).
 """
 
 from __future__ import annotations
@@ -17,14 +21,15 @@ import time
 
 import numpy as np
 
-from . import attacks
-from .aggregation import row_norms
+from . import attacks, extensions
+from .aggregation import norms_and_finite
 from .data import FederatedData
 from .models import FlatModel
 from .privacy.client_level import privatise_update
-from .protocol import RECORD, RECORD_FIELDS, RoundMessages, slot_counts, weighted_total
+from .protocol import CMD_ROUND, CMD_RUN, RECORD, RECORD_FIELDS, RoundMessages, slot_counts, weighted_total
 from .rounds import Updates
 from .schema import Config
+from .sharded.round import ColumnCheck, ShardContext, ShardedWorker
 from .training import LocalTrainer
 
 
@@ -36,9 +41,9 @@ class ClientHost:
         self.data = data
         self.trainer = LocalTrainer(model, cfg)
         a = cfg.attack
-        self.attack = attacks.ATTACKS[a.name]
+        self.attack = extensions.attack(a.name)
         self.byzantine = set(attacks.byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients).tolist())
-        self.attack_params = attacks.resolved_params(a.name, a.params, cfg.clients.per_round)
+        self.attack_params = attacks.resolved_params(cfg, data, self.attack)
 
     def close(self) -> None:
         """Detach what this host attached to the shared model (DP-SGD's forward hooks)."""
@@ -60,14 +65,16 @@ class ClientHost:
             result = self.trainer.train(weights, x, y, round_index, cid, rows[i])
             clipped_fraction = result.clipped_fraction
             if byzantine and attack.on_update is not None:  # a Byzantine client sends what it likes, DP or not
-                attack.on_update(rows[i], self.attack_params, attacks.client_rng(cfg.seed, round_index, cid))
+                with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are its to send; rank 0 checks
+                    attack.on_update(rows[i], self.attack_params, attacks.client_rng(cfg.seed, round_index, cid))
             elif not byzantine and cfg.privacy.mode == "client_local":
                 p = cfg.privacy
                 clipped_fraction = float(privatise_update(rows[i], p.max_grad_norm, p.noise_multiplier, cfg.seed,
                                                           round_index, cid))
             records[i, RECORD["clipped_fraction"]] = clipped_fraction
-            if cfg.transport == "reduce":  # rank 0 never sees the row: the norm travels with the record
-                records[i, RECORD["update_norm"]] = row_norms(rows[i:i + 1])[0]
+            if cfg.transport == "reduce":  # rank 0 never sees the row: its check travels with the record
+                norm, finite = norms_and_finite(rows[i:i + 1])
+                records[i, RECORD["update_norm"]], records[i, RECORD["finite"]] = norm[0], finite[0]
             records[i, RECORD["num_samples"]] = result.num_samples
             records[i, RECORD["train_loss"]] = result.train_loss
             records[i, RECORD["steps"]] = result.steps
@@ -117,18 +124,49 @@ class RemoteClients:
         self.messages.send_stop(status)
 
 
-def serve(messages: RoundMessages, host: ClientHost, host_for=None) -> int:
+class ShardedClients:
+    """``transport: sharded`` on rank 0: the workers (or this process, ``local``) train
+    the cohort, every rank receives its blocks' columns of the rows, and they are
+    checked there (:class:`fedmpi.sharded.round.ColumnCheck`); the norms reach the
+    records and ``Updates.shard`` holds rank 0's columns. ``rows`` stays None."""
+
+    def __init__(self, cfg: Config, context: ShardContext, local: LocalClients | None = None):
+        self.context, self.local, self.check = context, local, ColumnCheck(cfg)
+
+    def collect(self, round_index: int, cohort: np.ndarray, weights: np.ndarray) -> Updates:
+        messages = self.context.messages
+        if self.local is not None:
+            trained = self.local.collect(round_index, cohort, weights)
+            rows, records, counts = trained.rows, trained.records, trained.counts
+        else:
+            messages.send_round(round_index, cohort, weights)
+            rows, records, counts = messages.receive_columns(len(cohort))
+        columns = self.context.columns(rows)
+        norms, finite = self.check(columns, cohort, round_index)
+        records[:, RECORD["update_norm"]], records[:, RECORD["finite"]] = norms, finite
+        return Updates(cohort, records, counts, shard=columns)
+
+    def stop(self, status: int) -> None:
+        if self.local is None:
+            self.context.messages.send_stop(status)
+
+
+def serve(messages: RoundMessages, host: ClientHost, sharded: ShardedWorker | None = None, host_for=None) -> int:
     """A worker: train this rank's slots of every round until STOP; return the exit
-    status rank 0 sent with it. ``host_for(run)``: the host of another federation, for
-    RUN orders (membership audit's shadows)."""
+    status rank 0 sent with it. ``sharded``: the worker's part of a sharded round
+    (and of the state transfers rank 0 calls in). ``host_for(run)``: the host of
+    another federation, for RUN orders (membership audit's shadows)."""
     rank, size = messages.comm.rank, messages.size
     rows = np.empty((0, size), dtype=np.float32)
     while True:
         order = messages.receive_round()
         if order.stop:
             return order.status
-        if order.run is not None:
+        if order.command == CMD_RUN:
             host = host_for(order.run)
+            continue
+        if order.command != CMD_ROUND:
+            sharded.command(order)
             continue
         start = sum(order.counts[:rank])
         mine = order.cohort[start:start + order.counts[rank]]
@@ -136,4 +174,7 @@ def serve(messages: RoundMessages, host: ClientHost, host_for=None) -> int:
             rows = np.empty((len(mine), size), dtype=np.float32)
         records = np.zeros((len(mine), len(RECORD_FIELDS)))
         host.train_slots(order.round_index, mine, order.weights, rows, records)
-        messages.send_updates(rows, records, order.counts)
+        if sharded is None:
+            messages.send_updates(rows, records, order.counts)
+        else:
+            sharded.round(order, rows, records)

@@ -1,6 +1,7 @@
-# Sourced by the fedmpi batch scripts; defines fedmpi_run.
+# Sourced by the fedmpi batch scripts; defines fedmpi_run and fedmpi_launch.
 #
-# fedmpi_run ARGS...  runs `python -m fedmpi.run ARGS...` on the job's tasks:
+# fedmpi_run ARGS...  runs `python -m fedmpi.run ARGS...` on the job's tasks
+# (fedmpi_launch MODULE ARGS... does the same for `python -m MODULE`, e.g. fedmpi.sweep --in-job):
 #   - launcher: $FEDMPI_LAUNCHER if set; else `srun --mpi=$FEDMPI_SRUN_MPI` (default pmi2,
 #     right for MPICH and the mpich wheel; pmix for an Open MPI built with PMIx) when this
 #     SLURM offers that plugin; else `mpirun -n $SLURM_NTASKS`;
@@ -21,11 +22,16 @@ fedmpi_launcher() {
 }
 
 fedmpi_run() {
-    local launcher pid status
+    fedmpi_launch fedmpi.run "$@"
+}
+
+fedmpi_launch() {
+    local module=$1 launcher pid status
+    shift
     launcher=$(fedmpi_launcher)
-    echo "fedmpi job ${SLURM_JOB_ID:-local} (restart ${SLURM_RESTART_COUNT:-0}): $launcher ${FEDMPI_PYTHON:-python} -m fedmpi.run $*"
+    echo "fedmpi job ${SLURM_JOB_ID:-local} (restart ${SLURM_RESTART_COUNT:-0}): $launcher ${FEDMPI_PYTHON:-python} -m $module $*"
     # shellcheck disable=SC2086  # the launcher is a command line
-    $launcher "${FEDMPI_PYTHON:-python}" -m fedmpi.run "$@" &
+    $launcher "${FEDMPI_PYTHON:-python}" -m "$module" "$@" &
     pid=$!
     trap 'kill -USR1 "$pid" 2>/dev/null' USR1
     trap 'kill -TERM "$pid" 2>/dev/null' TERM

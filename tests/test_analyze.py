@@ -107,7 +107,7 @@ def test_every_plot_kind_is_a_valid_image(sweep, fmt, magic):
     proc = _analyze(["runs", "dp.h5", "--plot", f"plots_{fmt}", "--format", fmt], sweep)
     assert proc.returncode == 0, proc.stderr
     files = sorted(os.listdir(sweep / f"plots_{fmt}"))
-    expected = {"accuracy_loss", "accuracy_epsilon", "update_norms"} | {f"selection_{i}" for i in range(5)}
+    expected = {"accuracy_loss", "accuracy_epsilon", "update_norms", "backdoor"} | {f"selection_{i}" for i in range(5)}
     assert {f.rsplit(".", 1)[0] for f in files} == expected
     for name in files:
         data = (sweep / f"plots_{fmt}" / name).read_bytes()
@@ -187,3 +187,70 @@ def test_garbage_input_gets_one_line_naming_the_file(tmp_path, sweep):
         assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert str(path) in lines[0]
         assert expected in lines[0], lines[0]
+
+
+def test_tensorboard_export_has_one_scalar_per_round_per_metric(tmp_path, capsys):
+    """Read back with tensorboard's own event reader: every metric of a private,
+    attacked run, one point per round at step = round, the values of /rounds; the
+    config as hyperparameters; a second export into the same directory is refused."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    import fedmpi
+    from fedmpi import analyze
+    from fedmpi.results import ROUND_FIELDS
+
+    run = fedmpi.simulate({"rounds": 3, "model": {"name": "logreg"}, "aggregator": {"name": "krum"},
+                           "attack": {"name": "sign_flip", "fraction": 0.25},
+                           "privacy": {"mode": "sample", "noise_multiplier": 1.0}}, out=tmp_path / "dp krum.h5")
+    assert analyze.main([str(tmp_path / "dp krum.h5"), "--tensorboard", str(tmp_path / "tb")]) == 0
+    events = EventAccumulator(str(tmp_path / "tb" / "dp krum"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"eval/test_accuracy", "eval/test_loss", "train/train_loss", "privacy/epsilon", "byzantine/byzantine_in_cohort",
+            "byzantine/byzantine_selected", "time/wall_s", "time/train_s", "time/comm_s"} <= tags
+    # every /rounds field but the round itself and backdoor_accuracy (NaN without a backdoor)
+    assert tags == {f"{analyze.TENSORBOARD_GROUPS.get(f, 'rounds')}/{f}" for f in ROUND_FIELDS
+                    if f not in ("round", "backdoor_accuracy")}
+    for tag in tags:
+        points = events.Scalars(tag)
+        assert [p.step for p in points] == [0, 1, 2], tag
+        field = tag.split("/")[1]
+        assert [p.value for p in points] == run.rounds[field].astype(np.float32).tolist(), tag
+    content = events.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG]
+    start = metadata.parse_session_start_info_plugin_data(content)
+    assert start.hparams["aggregator.name"].string_value == "krum" and start.hparams["rounds"].number_value == 3
+    capsys.readouterr()
+    assert analyze.main([str(tmp_path / "dp krum.h5"), "--tensorboard", str(tmp_path / "tb")]) == 2
+    assert "already holds TensorBoard events" in capsys.readouterr().err
+
+
+def test_robustness_tables_by_hand(tmp_path):
+    import pandas as pd
+
+    from fedmpi.analyze import robustness_heatmap, robustness_tables
+
+    rows = []
+    for setting, shift in (("data.partition.name=iid", 0.0), ("data.partition.name=dirichlet", -0.1)):
+        for rule in ("krum", "nnm + krum"):
+            for attack, accs in (("none", [0.9, 0.8]), ("sign_flip", [0.5, 0.7]), ("backdoor", [0.85, 0.85])):
+                for seed, acc in enumerate(accs):
+                    rows.append({"setting": setting, "rule": rule, "attack": attack, "seed": seed,
+                                 "final_accuracy": acc + shift, "backdoor_accuracy": 0.25 if attack == "backdoor" else np.nan,
+                                 "diverged": rule == "krum" and attack == "sign_flip" and seed == 1})
+    grids, text = robustness_tables(pd.DataFrame(rows))
+    lines = text.splitlines()
+    assert lines[0].startswith("**data.partition.name=iid**: final test accuracy")
+    assert lines[2] == "| rule | none | sign_flip | backdoor | worst |"
+    # mean and sample std of (0.9, 0.8): 0.85 +- 0.07; of (0.5, 0.7): 0.60 +- 0.14, a seed diverged;
+    # the worst attack of krum is sign_flip at 0.60
+    assert lines[4] == "| krum | 0.85±0.07 | 0.60±0.14† | 0.85±0.00 | 0.60 (sign_flip) |"
+    assert lines[5] == "| nnm + krum | 0.85±0.07 | 0.60±0.14 | 0.85±0.00 | 0.60 (sign_flip) |"
+    assert "| krum | 0.25±0.00 | 0.85±0.00 | 0.85±0.07 |" in lines  # backdoor: ASR, clean accuracy, without attack
+    assert "| krum | 0.75±0.07 | 0.50±0.14† | 0.75±0.00 | 0.50 (sign_flip) |" in lines  # dirichlet: 0.1 lower
+    rules, attacks, means = grids["data.partition.name=dirichlet"]
+    np.testing.assert_allclose(means, [[0.75, 0.5, 0.75], [0.75, 0.5, 0.75]])
+    written = robustness_heatmap(grids, str(tmp_path / "heat"))
+    assert [p.rsplit(".", 1)[1] for p in written] == ["png", "pdf"]
+    assert (tmp_path / "heat.png").read_bytes().startswith(b"\x89PNG") and (tmp_path / "heat.pdf").read_bytes()[:4] == b"%PDF"

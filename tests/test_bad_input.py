@@ -5,22 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import CONFIGS, make_idx_dataset, run_job, write_idx
+from conftest import CONFIGS, expect_rejected, make_idx_dataset, run_job, write_idx
 
-
-def _expect_rejected(tmp_path, args, *fragments, ranks=2):
-    out = tmp_path / "out.h5"
-    proc = run_job(ranks, [*args, "--out", out, "--quiet"], tmp_path, timeout=120)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert len(lines) == 1, f"expected one line, got:\n{proc.stderr}"
-    assert lines[0].startswith("fedmpi: ")
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
-    assert not out.exists(), "a results file was left behind"
-    assert proc.stdout == ""
-    return lines[0]
-
+_expect_rejected = expect_rejected
 
 CONFIG_CASES = {
     "unknown key": (["--set", "train.lrr=0.1"], "train.lrr = 0.1", "unknown key", "lr"),
@@ -31,7 +18,7 @@ CONFIG_CASES = {
     "negative rounds": (["--set", "rounds=-3"], "rounds = -3", ">= 1"),
     "negative learning rate": (["--set", "train.lr=-0.1"], "train.lr = -0.1", "> 0"),
     "momentum of one": (["--set", "server.momentum=1.0"], "server.momentum = 1.0", "[0, 1)"),
-    "unknown dataset": (["--set", "data.name=cifar10"], "data.name = 'cifar10'", "one of synthetic, digits"),
+    "unknown dataset": (["--set", "data.name=imagenet"], "data.name = 'imagenet'", "one of synthetic, digits"),
     "unknown model": (["--set", "model.name=resnet"], "model.name = 'resnet'", "logreg, mlp, cnn"),
     "unknown partitioner": (["--set", "data.partition.name=zipf"], "data.partition.name = 'zipf'", "iid, dirichlet, shards"),
     "hidden width zero": (["--set", "model.hidden=[200,0]"], "model.hidden[1] = 0", ">= 1"),
@@ -45,6 +32,8 @@ CONFIG_CASES = {
                                      "data.partition.min_samples = 200", "lower it or raise data.partition.alpha"),
     "cnn on vector data": (["--set", "data.name=synthetic", "--set", "model.name=cnn"],
                            "model.name = 'cnn'", "needs image inputs", "(60,)"),
+    "character model on pixels": (["--set", "model.name=char_lstm"], "model.name = 'char_lstm'",
+                                  "takes character codes, but data.name = digits gives real-valued inputs"),
     "krum cannot tolerate f": (["--set", "aggregator.name=krum", "--set", "aggregator.f=7"],
                                "aggregator.f = 7", "krum needs n >= 2f + 3; got n = 16, f = 7"),
     "unknown attack parameter": (["--set", "attack.name=ipm", "--set", "attack.fraction=0.25", "--set", "attack.params={lambda: 2}"],
@@ -69,6 +58,10 @@ CONFIG_CASES = {
                                   "transport = 'reduce'", "aggregator.name = median needs every row"),
     "normalizing synthetic data": (["--set", "data.name=synthetic", "--set", "data.normalize=standard"],
                                    "data.normalize = 'standard'", "allowed: none"),
+    "sharded with central dp": (["--set", "transport=sharded", "--set", "privacy.mode=client_central",
+                                 "--set", "privacy.noise_multiplier=1", "--set", "privacy.accountant=rdp"],
+                                "privacy.mode = 'client_central'", "not with transport: sharded"),
+    "shard block without sharding": (["--set", "shard_block=64"], "shard_block = 64", "only used with transport = sharded"),
     "inversion of large shards": (["--set", "audit.inversion.method=dlg"], "audit.inversion.max_examples = 8",
                                   "clients hold up to 90 examples"),
     "analytic inversion of a batch": (["--set", "audit.inversion.method=analytic", "--set", "clients.total=700",

@@ -143,7 +143,7 @@ def test_registry_names_are_the_allowed_names():
 
     with pytest.raises(ConfigError) as info:
         load(None, ["aggregator.name=mean"])
-    assert info.value.allowed == "must be one of " + ", ".join(RULES)
+    assert info.value.allowed == "must be one of " + ", ".join(RULES) + ", or user code as 'package.module:attribute'"
 
 
 @pytest.mark.parametrize("content", [b"\x89HDF\r\n\x1a\n\x00\x00binary", b"rounds: 3\n\xff\xfe\n", "rounds: \u00e9".encode("latin-1")])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from fedmpi import aggregation
 from fedmpi.architectures import count_params
 from fedmpi.config import from_mapping
-from fedmpi.models import FlatModel, build_model, flatten_params, init_weights, layout, load_flat
+from fedmpi.models import FlatModel, LSTMLayer, MaxPool2dSame, build_model, flatten_params, init_weights, layout, load_flat
 from fedmpi.optimizers import ServerOptimizer
 from fedmpi.schema import ModelConfig, ServerConfig
 from fedmpi.training import LocalTrainer
@@ -24,9 +24,52 @@ def test_mcmahan_cnn_parameter_count():
 
 
 @pytest.mark.parametrize("cfg, shape", [(ModelConfig(name="cnn"), (3, 12, 10)), (ModelConfig(hidden=[7, 5]), (1, 8, 8)),
-                                        (ModelConfig(name="logreg"), (60,))])
+                                        (ModelConfig(name="logreg"), (60,)), (ModelConfig(name="cifar_cnn"), (3, 13, 10)),
+                                        (ModelConfig(name="char_lstm"), (80,))])
 def test_parameter_count_without_building_the_model(cfg, shape):
     assert count_params(cfg, shape, 7) == sum(p.numel() for p in build_model(cfg, shape, 7).parameters())
+
+
+def test_cifar_and_shakespeare_model_sizes():
+    """McMahan et al. 2017 give "about 10^6" parameters for the CIFAR CNN on its 24x24
+    crops: (5*5*3+1)*64 + (5*5*64+1)*64 + (6*6*64+1)*384 + 385*192 + 193*10 = 1,068,298.
+    The character LSTM: 81*8 + 4*256*(8+256+2) + 4*256*(256+256+2) + 257*81 = 820,185."""
+    cifar = ModelConfig(name="cifar_cnn")
+    assert count_params(cifar, (3, 24, 24), 10) == 1_068_298
+    assert count_params(cifar, (3, 32, 32), 10) == 1_756_426  # full images: 8*8*64 inputs to the 384 units
+    assert count_params(ModelConfig(name="char_lstm"), (80,), 81) == 820_185
+
+
+def test_lstm_layers_equal_torch_two_layer_lstm_and_their_vmap_forward_agrees():
+    """Two LSTMLayers are torch's nn.LSTM(num_layers=2); per_example_forward (the explicit
+    recurrence DP-SGD's generic path differentiates) gives the same outputs and gradients."""
+    torch.manual_seed(0)
+    reference = torch.nn.LSTM(5, 7, num_layers=2, batch_first=True).double()
+    first, second = LSTMLayer(5, 7).double(), LSTMLayer(7, 7).double()
+    with torch.no_grad():
+        for layer, k in ((first, 0), (second, 1)):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(layer, f"{name}_l0").copy_(getattr(reference, f"{name}_l{k}"))
+    x = torch.randn(3, 6, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 6, 7, dtype=torch.float64)
+    expected = reference(x)[0]
+    for run in (lambda v: second(first(v)), lambda v: second.per_example_forward(first.per_example_forward(v))):
+        out = run(x)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+        grads = torch.autograd.grad((out * weight).sum(), [x, first.weight_hh_l0, second.bias_ih_l0])
+        want = torch.autograd.grad((expected * weight).sum(), [x, reference.weight_hh_l0, reference.bias_ih_l1],
+                                   retain_graph=True)
+        for got, ref in zip(grads, want):
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+
+
+def test_same_max_pooling_pads_after_like_tensorflow():
+    """TensorFlow SAME, 3x3 stride 2 on 4 columns: 2 outputs, one padding column after:
+    windows [0, 3) and [2, 5)."""
+    x = torch.tensor([[[[1.0, 5.0, 2.0, 7.0]]]]).expand(1, 1, 3, 4)
+    out = MaxPool2dSame(3, 2)(x)
+    assert out.shape == (1, 1, 2, 2) and out[0, 0, 0].tolist() == [5.0, 7.0]
+    assert MaxPool2dSame(3, 2)(torch.zeros(1, 2, 5, 5)).shape == (1, 2, 3, 3)
 
 
 def test_mlp_shape_and_layout_is_contiguous():

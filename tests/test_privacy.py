@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from dp_accounting import dp_event, pld, rdp
 
 from fedmpi.config import from_mapping
-from fedmpi.models import FlatModel, build_model
+from fedmpi.models import FlatModel, LastStep, LSTMLayer, TokenEmbedding, build_model
 from fedmpi.privacy import accounting, client_level, dpsgd
 from fedmpi.schema import ModelConfig
 from fedmpi.training import LocalTrainer
@@ -47,10 +47,91 @@ def test_clipped_grad_sum_matches_per_example_loop_in_float64(model_cfg, shape, 
     assert all(not m._forward_hooks for m in model.modules())
 
 
-def test_unsupported_layer_is_refused():
+def test_layer_that_mixes_examples_is_refused():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
-    with pytest.raises(ValueError, match="DP-SGD supports Linear and Conv2d layers; 2 is a BatchNorm1d"):
+    with pytest.raises(ValueError, match="2 is a BatchNorm1d, which mixes the examples of a batch"):
         dpsgd.PerExampleGradients(model)
+    with pytest.raises(ValueError, match="batch_first=False"):
+        dpsgd.PerExampleGradients(torch.nn.Sequential(torch.nn.LSTM(3, 4)))
+
+
+class _MixedConv(torch.nn.Module):
+    """Ghost-norm layers (Conv2d, Linear) beside generic ones (GroupNorm, a grouped
+    Conv2d), and a Linear called twice per forward pass (which takes the generic path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3, padding=1)
+        self.norm = torch.nn.GroupNorm(2, 4)
+        self.grouped = torch.nn.Conv2d(4, 4, 3, groups=2)
+        self.shared = torch.nn.Linear(16, 16)
+        self.out = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.grouped(torch.relu(self.norm(self.conv(x)))).flatten(1)
+        return self.out(torch.tanh(self.shared(torch.tanh(self.shared(h)))))
+
+
+def _char_model():
+    return torch.nn.Sequential(TokenEmbedding(11, 4), LSTMLayer(4, 6), LSTMLayer(6, 5), LastStep(), torch.nn.Linear(5, 11))
+
+
+MIXED = {"char_lstm": (_char_model, lambda g: torch.randint(0, 11, (9, 7), dtype=torch.uint8, generator=g), 11),
+         "conv_norm_shared": (_MixedConv, lambda g: torch.randn(8, 2, 4, 4, generator=g) * 3, 3)}
+
+
+@pytest.mark.parametrize("name", sorted(MIXED))
+def test_generic_and_ghost_paths_together_match_a_float64_loop(name):
+    """Per layer, ghost norm or torch.func vmap: the clipped sum equals a per-example loop
+    in float64 (to 1e-10 when run in float64, to float32 rounding when run in float32),
+    with some examples clipped and some not."""
+    make, inputs, classes = MIXED[name]
+    torch.manual_seed(0)
+    model = make()
+    plan = {p.name: p.path for p in dpsgd.per_example_plan(model)}
+    assert "ghost" in plan.values() and "vmap" in plan.values()
+    g = torch.Generator().manual_seed(1)
+    x, y = inputs(g), torch.randint(0, classes, (len(inputs(torch.Generator().manual_seed(1))),), generator=g)
+    reference64 = model.double()
+    x64 = x if not x.is_floating_point() else x.double()
+    norms = []
+    for i in range(len(y)):
+        reference64.zero_grad()
+        F.cross_entropy(reference64(x64[i:i + 1]), y[i:i + 1], reduction="sum").backward()
+        norms.append(float(torch.cat([p.grad.reshape(-1) for p in reference64.parameters()]).norm()))
+    clip = float(np.median(norms))
+    assert min(norms) < clip < max(norms)
+    ref = _loop_reference(reference64, x64, y, clip)
+    ours64 = dpsgd.clipped_grad_sum(reference64, F.cross_entropy, x64, y, clip)
+    assert float((ours64 - ref).abs().max()) <= 1e-10 * max(1.0, float(ref.abs().max()))
+    ours32 = dpsgd.clipped_grad_sum(model.float(), F.cross_entropy, x if not x.is_floating_point() else x.float(), y, clip)
+    assert ours32.dtype == torch.float32
+    assert float((ours32.double() - ref).abs().max()) <= 2e-6 * max(1.0, float(ref.abs().max()))
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_plan_chooses_per_layer_and_says_so_in_one_line():
+    plan = dpsgd.per_example_plan(_MixedConv())
+    assert [(p.name, p.path) for p in plan] == [("conv", "ghost"), ("norm", "vmap"), ("grouped", "vmap"),
+                                                ("shared", "ghost"), ("out", "ghost")]
+    assert dpsgd.describe_plan(plan) == ("ghost norm for 3 layers (conv: Conv2d, shared: Linear, out: Linear); "
+                                         "torch.func vmap for 2 layers (norm: GroupNorm, grouped: Conv2d)")
+
+
+class _HalfUsed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = torch.nn.Linear(3, 2), torch.nn.Embedding(4, 2)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_parameters_the_forward_pass_does_not_reach_get_zero():
+    model = _HalfUsed()
+    out = [torch.full_like(p, 7.0) for p in model.parameters()]
+    dpsgd.PerExampleGradients(model).compute(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]), F.cross_entropy, 1.0, out)
+    assert torch.count_nonzero(out[-1]) == 0 and torch.count_nonzero(out[0]) > 0
 
 
 def _dp_trainer(sigma, clip, **train):

@@ -12,7 +12,7 @@ import time
 import h5py
 import pytest
 
-from conftest import fedmpi_env, mpirun_path, run_job
+from conftest import fedmpi_env, mpirun_path, rank_pid, run_job
 from fedmpi import sweep as sweep_mod
 from fedmpi.results import CLIENT_FIELDS, ROUND_FIELDS, load
 
@@ -89,7 +89,7 @@ def test_kill_9_of_rank_0_resumes_from_the_last_checkpoint(tmp_path, reference):
     out = tmp_path / "run.h5"
     job = _start(3, [*STATEFUL, "--out", out], tmp_path)
     _wait_for_rounds(out, 9)  # checkpoints after rounds 4 and 8
-    rank0 = _rank_zero_pid(str(out))
+    rank0 = rank_pid(0, "fedmpi.run", str(out))
     os.kill(rank0, signal.SIGKILL)
     job.communicate(timeout=60)
     assert job.returncode != 0
@@ -102,23 +102,6 @@ def test_kill_9_of_rank_0_resumes_from_the_last_checkpoint(tmp_path, reference):
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {out} after round {checkpoint_round + 1}" in resumed.stdout
     _assert_same_run(reference, out)
-
-
-def _rank_zero_pid(marker: str) -> int:
-    """The fedmpi.run process with PMI_RANK=0 whose command line holds ``marker``."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as fh:
-                env = fh.read().split(b"\0")
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                cmdline = fh.read()
-        except OSError:
-            continue
-        if b"PMI_RANK=0" in env and b"fedmpi.run" in cmdline and marker.encode() in cmdline:
-            return int(entry)
-    raise AssertionError("rank 0 not found")
 
 
 def test_resume_with_a_changed_config_is_refused(tmp_path, reference):

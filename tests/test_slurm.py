@@ -140,26 +140,37 @@ def test_array_sweep_job_and_resubmission(slurm, tmp_path):
     assert logs.count("has finished; skipping") == 4
 
 
+def _wait_for_rounds(path, count, timeout=120):
+    """Until the results file holds ``count`` rounds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if len(load(str(path)).rounds) >= count:
+                return
+        except Exception:  # not created yet
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{path} did not reach {count} rounds in {timeout} s")
+
+
+def _usr1_then_requeued(conf, job, log_path) -> str:
+    """What SLURM's --signal=B:USR1@... does before a time limit: USR1 to the batch shell.
+    The job must then have been requeued once and completed; returns its log."""
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=_slurm_env(conf), check=True, timeout=30)
+    (task,) = _wait(conf, job)
+    log, shown = log_path.read_text(), _show(conf, job)
+    print(log, shown, sep="\n")
+    assert task["JobState"] == "COMPLETED" and task["Restarts"] == "1", shown
+    return log
+
+
 def test_signal_checkpoint_requeue_resume(slurm, tmp_path):
     args = ["--config", CONFIGS / "digits_mlp.yaml", "--set", "rounds=60", "--set", "server.optimizer=fedavgm",
             "--quiet"]
     out = tmp_path / "long.h5"
     job = _sbatch(slurm, ["-n", "3", REPO / "jobs" / "run.sbatch", *args], tmp_path, f"OUT={out}")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if len(load(str(out)).rounds) >= 4:
-                break
-        except Exception:  # not created yet
-            pass
-        time.sleep(0.3)
-    # what SLURM's --signal=B:USR1@... does before a time limit: USR1 to the batch shell
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=_slurm_env(slurm), check=True, timeout=30)
-    (task,) = _wait(slurm, job)
-    log = (tmp_path / f"fedmpi-fedmpi-{job}.out").read_text()
-    shown = _show(slurm, job)
-    print(log, shown, sep="\n")
-    assert task["JobState"] == "COMPLETED" and task["Restarts"] == "1", shown
+    _wait_for_rounds(out, 4)
+    log = _usr1_then_requeued(slurm, job, tmp_path / f"fedmpi-fedmpi-{job}.out")
     assert "SIGUSR1 received; checkpoint after round" in log and "requeueing job" in log
     assert "(restart 1)" in log and "--resume" in log
     reference = run_job(3, [*args, "--out", tmp_path / "reference.h5"], tmp_path)
@@ -169,3 +180,23 @@ def test_signal_checkpoint_requeue_resume(slurm, tmp_path):
         assert a["model/final"][:].tobytes() == b["model/final"][:].tobytes()
         assert a["rounds/test_loss"][:].tobytes() == b["rounds/test_loss"][:].tobytes()
         assert len(a.attrs["resumed_at"]) == 1
+
+
+def test_in_job_sweep_job_requeued_after_usr1_finishes_every_run(slurm, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"config": str(CONFIGS / "digits_mlp.yaml"), "out": str(tmp_path / "sweep"),
+                                    "seeds": [0, 1], "set": {"rounds": 30, "clients.total": 8,
+                                                             "clients.per_round": 8}}, sort_keys=False))
+    files = [tmp_path / "sweep" / f"run-{i:04d}.h5" for i in range(2)]
+    job = _sbatch(slurm, ["-n", "2", REPO / "jobs" / "sweep_in_job.sbatch", grid, "--ranks-per-run", "1"], tmp_path)
+    _wait_for_rounds(files[0], 2)
+    _wait_for_rounds(files[1], 2)
+    log = _usr1_then_requeued(slurm, job, tmp_path / f"fedmpi-fedmpi-sweep-in-job-{job}.out")
+    assert "srun --mpi=pmi2" in log and "-m fedmpi.sweep" in log and "2 groups of 1 rank;" in log
+    # both groups were running: both runs checkpointed, and the requeued job resumed both
+    assert log.count("SIGUSR1 received; checkpoint after round") == 2
+    assert len(re.findall(r"group \d+: checkpointed after a signal", log)) == 2
+    assert "requeueing job" in log and "(restart 1)" in log and log.count("resumed, done") == 2
+    assert "in-job sweep: 2 done" in log
+    runs = [load(str(f)) for f in files]
+    assert all(run.finished and len(run.rounds) == 30 and len(run.attrs["resumed_at"]) == 1 for run in runs)

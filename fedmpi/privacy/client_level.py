@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import seeding
-from ..aggregation import clip_factors, weighted_sum
-from ..rounds import Aggregate, Updates
+from ..aggregation import AggregationResult, clip, clip_factors, weighted_sum
+from ..rounds import Aggregate, Updates, finite_rows
 
 
 def clip_update(update: np.ndarray, clip_norm: float) -> bool:
@@ -38,19 +38,32 @@ def privatise_update(update: np.ndarray, clip_norm: float, noise_multiplier: flo
 
 class CentralDP:
     """Central client-level DP as an aggregator (DP-FedAvg with a trusted server,
-    McMahan et al. 2018): clip every row to S here (so the bound holds whatever
+    McMahan et al. 2018): clip every finite row to S here (so the bound holds whatever
     clients send), sum, add N(0, z^2 S^2) keyed by (seed, "server_noise", round) and
-    divide by the expected cohort size. An empty cohort still gets the noise."""
+    divide by the expected cohort size. An empty cohort still gets the noise. A row
+    with a non-finite coordinate is left out: it adds 0 to the sum, which is within
+    the bound S that calibrates the noise, and the divisor stays the expected cohort
+    size, so the accounting is unchanged."""
 
     def __init__(self, cfg, size: int):
         self.cfg, self.size = cfg, size
         self.state: dict[str, np.ndarray] = {}
 
     def __call__(self, updates: Updates, round_index: int) -> Aggregate:
-        p, rows = self.cfg.privacy, updates.rows
-        clipped = np.array([clip_update(row, p.max_grad_norm) for row in rows], dtype=bool)
+        p, k, kept = self.cfg.privacy, len(updates.cohort), updates.kept
+        rows = finite_rows(updates.rows, kept)
+        clipped = np.full(k, np.nan)
+        clipped[kept] = [clip_update(row, p.max_grad_norm) for row in rows]
         total = weighted_sum(rows, np.ones(len(rows))) if len(rows) else np.zeros(self.size)
         noise = seeding.rng(self.cfg.seed, "server_noise", round_index).standard_normal(self.size)
         vector = (total + p.noise_multiplier * p.max_grad_norm * noise) / self.cfg.clients.per_round
-        k = len(rows)
-        return Aggregate(vector, np.ones(k, dtype=bool), np.full(k, np.nan), clipped.astype(np.float64))
+        selected = np.zeros(k, dtype=bool)
+        selected[kept] = True
+        scores = np.full(k, np.inf)
+        scores[kept] = np.nan
+        return Aggregate(vector, selected, scores, clipped)
+
+    def simulate(self, rows: np.ndarray, f: int, round_index: int) -> AggregationResult:
+        """The noise-free aggregate of ``rows`` (clipped copies), for full-knowledge attacks."""
+        clipped = clip(rows, self.cfg.privacy.max_grad_norm)
+        return AggregationResult(clipped.sum(axis=0) / self.cfg.clients.per_round, selected=np.arange(len(rows)))
