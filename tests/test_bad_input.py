@@ -67,6 +67,8 @@ CONFIG_CASES = {
     "analytic inversion of a batch": (["--set", "audit.inversion.method=analytic", "--set", "clients.total=700",
                                        "--set", "audit.inversion.max_examples=4"],
                                       "audit.inversion.method = 'analytic'", "clients hold up to 3 examples"),
+    "membership audit with sharding": (["--set", "transport=sharded", "--set", "audit.membership.level=example"],
+                                       "audit.membership.level = 'example'", "not with transport: sharded"),
 }
 
 
