@@ -69,7 +69,7 @@ def methods(results: Path) -> None:
                      f"{n['mse_max']:.1e}", f"{n['ssim']:.4f}", f"{n['labels']:.2f}", f"{n['reference']:.1f}",
                      f"{n['seconds']:.1f}"])
     if rows:
-        print("\nMethods, no DP, one-digit updates (paper settings):\n")
+        print("\nMethods, no DP, one-digit updates (300 iterations):\n")
         print(table(["method", "PSNR dB (min)", "max MSE", "SSIM", "labels right", "mean image dB", "s / update"], rows))
 
 
@@ -182,7 +182,7 @@ def membership(results: Path, images: Path) -> None:
     import matplotlib.pyplot as plt
 
     finite = sorted(t for t in summary if not math.isinf(t))
-    xs = finite + ([finite[-1] * 4] if math.inf in summary else [])
+    xs = finite + ([finite[-1] * 4 if finite else 1.0] if math.inf in summary else [])
     keys = finite + ([math.inf] if math.inf in summary else [])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "auc", "ROC AUC"), (axes[1], "tpr1", "TPR at 1% FPR")):
