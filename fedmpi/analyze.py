@@ -14,6 +14,11 @@ Post-hoc analysis of results files:
   differing keys), accuracy against epsilon, a rounds x cohort-slot map of what
   the aggregator kept with Byzantine slots marked, update-norm distributions of
   honest and Byzantine clients, a backdoor's success rate per round;
+- leakage audits (``audit.inversion``, ``audit.membership``): the summary gains
+  the reconstruction PSNR, SSIM and label accuracy against the mean-image
+  reference, and each membership attack's AUC and TPR at 1% FPR and the best
+  advantage on the final model; ``--plot`` draws true examples over their
+  reconstructions and the attacks' ROC curves;
 - ``--robustness DIR``: a sweep of rules against attacks as rules-by-attacks
   tables of final accuracy (mean and std over seeds, worst attack per rule), the
   backdoor table, and a heatmap (PNG and PDF);
@@ -33,6 +38,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 from typing import Any
 
@@ -134,6 +140,51 @@ def _last_finite(column) -> float:
 NUMERIC = ("final_accuracy", "best_accuracy", "epsilon", "wall_s", "byzantine_precision", "byzantine_recall",
            "backdoor_accuracy")
 OPTIONAL = ("backdoor_accuracy",)  # shown only where some run has it
+LEAKAGE = ("recon_psnr", "recon_ssim", "mean_image_psnr", "label_accuracy", "mia_auc_loss", "mia_auc_offline",
+           "mia_auc_online", "mia_tpr1_loss", "mia_tpr1_offline", "mia_tpr1_online", "mia_advantage")
+
+
+def read_leakage(path: str) -> dict:
+    """The leakage audits a results file holds: ``inversion`` (per attacked slot and image,
+    /audit/inversion) and ``membership`` (/audit/membership), each a dict of arrays, or
+    absent; empty for a run without audits. Membership arrays are absent until written."""
+    from .results import open_checked
+
+    out = {}
+    with open_checked(path) as f:
+        for name in ("inversion", "membership"):
+            if f"audit/{name}" not in f:
+                continue
+            group, arrays = f[f"audit/{name}"], {}
+            for key, ds in group.items():
+                if hasattr(ds, "shape"):
+                    ds.refresh()
+                    arrays[key] = ds[()]
+            out[name] = arrays
+    return out
+
+
+def leakage_numbers(leak: dict) -> dict:
+    """The summary's leakage columns (NaN where a run has no such audit): over every
+    attacked image, the mean reconstruction PSNR and SSIM, the mean-image PSNR and the
+    mean per-slot label accuracy; per membership attack on the final model, AUC and TPR
+    at 1% FPR, and the best advantage of any attack."""
+    row = dict.fromkeys(LEAKAGE, math.nan)
+    inv = leak.get("inversion")
+    if inv is not None and len(inv["round"]):
+        filled = np.isfinite(inv["psnr"])
+        row.update(recon_psnr=float(inv["psnr"][filled].mean()), recon_ssim=float(inv["ssim"][filled].mean()),
+                   mean_image_psnr=float(inv["mean_image_psnr"][filled].mean()),
+                   label_accuracy=float(inv["label_accuracy"].mean()))
+    mem = leak.get("membership")
+    if mem is not None and np.isfinite(mem["auc"]).any():
+        attacks = [a.decode() for a in mem["attack"]]
+        short = {"loss_threshold": "loss", "lira_offline": "offline", "lira_online": "online"}
+        for j, name in enumerate(attacks):
+            row[f"mia_auc_{short[name]}"] = float(mem["auc"][-1, j])
+            row[f"mia_tpr1_{short[name]}"] = float(mem["tpr_at_fpr_0.01"][-1, j])
+        row["mia_advantage"] = float(np.nanmax(mem["advantage"][-1]))
+    return row
 
 
 def summary_table(runs: list[RunResults], group: bool = True):
@@ -143,16 +194,20 @@ def summary_table(runs: list[RunResults], group: bool = True):
 
     keys = differing_keys(runs)
     rows = []
-    for run in runs:
+    leaks = [read_leakage(run.path) for run in runs]
+    for run, leak in zip(runs, leaks):
         flat = flatten(run.config)
         row = {k: _fmt(flat.get(k)) for k in keys}
         row.update(summarise(run))
+        if any(leaks):
+            row.update(leakage_numbers(leak))
         rows.append(row)
     table = pd.DataFrame(rows)
     table = table.drop(columns=[c for c in OPTIONAL if table[c].isna().all()])
     group_keys = [k for k in keys if k != "seed"]
     if not group or "seed" not in keys:
         return table
+    numeric = NUMERIC + (LEAKAGE if any(leaks) else ())
     grouped = table.groupby(group_keys, sort=False, dropna=False) if group_keys else [((), table)]
     out = []
     for values, part in grouped:
@@ -161,7 +216,7 @@ def summary_table(runs: list[RunResults], group: bool = True):
         row["runs"] = len(part)
         row["seeds"] = ",".join(part["seed"])
         row["rounds"] = int(part["rounds"].max())
-        for col in NUMERIC:
+        for col in numeric:
             if col not in part:
                 continue
             column = part[col].astype(float)
@@ -174,7 +229,7 @@ def summary_table(runs: list[RunResults], group: bool = True):
 def _display(table):
     """Merge "x" and "x_std" columns into "x" cells reading mean±std."""
     table = table.copy()
-    for col in NUMERIC:
+    for col in NUMERIC + LEAKAGE:
         std = f"{col}_std"
         if std in table.columns:
             table[col] = [("-" if math.isnan(m) else f"{m:.4g}" + ("" if math.isnan(s) else f"±{s:.2g}"))
@@ -291,7 +346,55 @@ def make_plots(runs: list[RunResults], directory: str, fmt: str = "png") -> list
         ax.legend(fontsize=8)
     ax.set(xlabel="update L2 norm", ylabel="client updates", title="Update norms")
     save(fig, "update_norms")
+
+    for index, run in enumerate(runs):
+        leak = read_leakage(run.path)
+        inv = leak.get("inversion")
+        if inv is not None and len(inv["round"]):
+            save(inversion_grid(plt, inv, label(run, keys)), f"inversion_{index}")
+        mem = leak.get("membership")
+        if mem is not None and np.isfinite(mem["auc"]).any():
+            save(roc_plot(plt, mem, label(run, keys)), f"membership_roc_{index}")
     return written
+
+
+def inversion_grid(plt, inv: dict, title: str, columns: int = 8):
+    """True examples (top row of each pair) over their reconstructions, the first ``columns``
+    attacked images, each with its PSNR and the mean image's."""
+    images = [(s, j) for s in range(len(inv["round"])) for j in range(int(inv["num_examples"][s]))][:columns]
+    fig, axes = plt.subplots(2, len(images), figsize=(1.3 * len(images) + 0.6, 3.2), squeeze=False)
+    for col, (s, j) in enumerate(images):
+        for row, name in enumerate(("truth", "reconstruction")):
+            ax = axes[row, col]
+            image = inv[name][s, j]
+            ax.imshow(image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1), cmap="gray_r", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, col].set_title(f"r{int(inv['round'][s])} c{int(inv['client_id'][s])}", fontsize=7)
+        axes[1, col].set_xlabel(f"{inv['psnr'][s, j]:.1f} dB\n(mean {inv['mean_image_psnr'][s, j]:.1f})", fontsize=7)
+    axes[0, 0].set_ylabel("truth", fontsize=8)
+    axes[1, 0].set_ylabel("reconstruction", fontsize=8)
+    fig.suptitle(textwrap.fill(f"Gradient inversion: {title}", 60 + 12 * len(images)), fontsize=8)
+    return fig
+
+
+def roc_plot(plt, mem: dict, title: str):
+    """The membership attacks' ROC curves on the final model, log-log (low FPRs are what
+    matter, Carlini et al. 2022), with each attack's AUC and TPR at 1% FPR."""
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for j, name in enumerate(a.decode() for a in mem["attack"]):
+        fpr, tpr = mem["roc_fpr"][-1, j], mem["roc_tpr"][-1, j]
+        keep = np.isfinite(fpr)
+        ax.plot(fpr[keep], tpr[keep], label=f"{name}: AUC {mem['auc'][-1, j]:.3f}, "
+                f"TPR@1% {mem['tpr_at_fpr_0.01'][-1, j]:.3f}")
+    members = int(mem["member"].sum())
+    floor = 1.0 / max(1, len(mem["member"]) - members)
+    ax.plot([floor, 1], [floor, 1], color="grey", linestyle=":", label="chance")
+    ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1.05), xlabel="false-positive rate",
+           ylabel="true-positive rate")
+    ax.set_title(textwrap.fill(f"Membership inference after round {int(mem['round'][-1]) + 1}: {title}", 70), fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
+    return fig
 
 
 # --------------------------------------------------------------------------- TensorBoard

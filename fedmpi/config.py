@@ -257,6 +257,7 @@ def validate(cfg: Config) -> None:
     _at_least("eval.batch_size", cfg.eval.batch_size, 1)
 
     _validate_audit(cfg)
+    _validate_leakage(cfg)
 
     o = cfg.output
     _at_least("output.snapshot_every", o.snapshot_every, 0)
@@ -454,3 +455,44 @@ def _validate_devices(cfg: Config) -> None:
     elif d.speed_sigma:
         raise ConfigError("devices.speed_sigma", d.speed_sigma, "only used with devices.deadline (speeds decide who "
                           "misses it)")
+
+
+def _validate_leakage(cfg: Config) -> None:
+    """audit.inversion and audit.membership (what needs the data is fedmpi.preflight's)."""
+    v = cfg.audit.inversion
+    if v.method != "none":
+        _require(cfg.transport == "gather", "audit.inversion.method", v.method,
+                 f"rank 0 attacks the update rows it receives, but transport = {cfg.transport} never gives it them "
+                 "(use transport: gather)")
+        _require(bool(v.rounds), "audit.inversion.rounds", plain(v.rounds), "must name at least one round")
+        for i, r in enumerate(v.rounds):
+            _require(0 <= r < cfg.rounds, f"audit.inversion.rounds[{i}]", r, f"must be a round index in 0..{cfg.rounds - 1}")
+        _at_least("audit.inversion.slots", v.slots, 1)
+        _require(v.slots <= cfg.clients.total, "audit.inversion.slots", v.slots,
+                 f"must be at most clients.total ({cfg.clients.total})")
+        if v.iterations is not None:
+            _at_least("audit.inversion.iterations", v.iterations, 1)
+        _at_least("audit.inversion.restarts", v.restarts, 1)
+        if v.step_size is not None:
+            _positive("audit.inversion.step_size", v.step_size)
+        _at_least("audit.inversion.tv", v.tv, 0)
+        _at_least("audit.inversion.max_examples", v.max_examples, 1)
+        if v.method == "analytic":
+            _require(cfg.model.name in ("logreg", "mlp"), "audit.inversion.method", v.method,
+                     f"analytic recovery reads the input of a fully connected first layer; model.name = {cfg.model.name} "
+                     "has none (use logreg or mlp, or an optimisation method)")
+        _require(cfg.data.normalize in ("standard", "unit"), "audit.inversion.method", v.method,
+                 f"PSNR and SSIM are taken on the [0, 1] pixel scale, which data.normalize = {cfg.data.normalize} does not "
+                 "keep (use standard or unit)")
+    m = cfg.audit.membership
+    if m.level != "none":
+        low = 4 if m.variance == "per_example" else 2
+        _require(m.shadows >= low, "audit.membership.shadows", m.shadows,
+                 f"must be >= {low}: LiRA needs {low // 2} shadow(s) trained with and {low // 2} without every "
+                 f"{m.level} ({'per_example variance needs two of each' if low == 4 else 'one of each'})")
+        _at_least("audit.membership.every", m.every, 0)
+        _require(cfg.transport != "sharded", "audit.membership.level", m.level,
+                 "its shadow federations are trained through the gather or reduce transport; not with transport: sharded")
+        _require(not ALGORITHMS[cfg.algorithm.name].client_state, "audit.membership.level", m.level,
+                 f"its shadow federations reuse the run's server, whose algorithm.name = {cfg.algorithm.name} keeps "
+                 "per-client state they would disturb; use algorithm.name: fedavg or fedprox")

@@ -65,6 +65,8 @@ class FederatedData:
     (``cache_clients`` False, ``sizes`` known up front). ``tokens``: inputs are
     integer character codes; ``client_names``: the data set's own name of each
     client id (writer, speaking role), where it has them.
+    A membership audit trains on a keyed part of every client's data
+    (:func:`fedmpi.membership.restrict`); ``full`` then holds the data before it.
     """
 
     input_shape: tuple
@@ -83,6 +85,7 @@ class FederatedData:
     cache_clients: bool = True
     tokens: bool = False
     client_names: list | None = None
+    full: FederatedData | None = field(default=None, repr=False)  # a membership audit's split: the data before it
 
     def client(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
         if self.generate is not None:

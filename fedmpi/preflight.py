@@ -46,9 +46,16 @@ def preflight(cfg: Config, rank: int, new_file: bool = True, ranks: int = 1,
     data_mod.check_files(cfg, dataset)
     check_device(cfg)
     data = data_mod.load(cfg, need_train=True, need_test=rank == 0, entry=dataset)
+    m = cfg.audit.membership
+    if m.level != "none":  # the audited run trains on a keyed half of the examples (clients)
+        from .membership import restrict, target_keep
+
+        data = restrict(data, target_keep(cfg.seed, [data.client(c)[1] for c in range(data.num_clients)], m.level))
     num_params = check_model(cfg, data)
     check_canaries(cfg, num_params)
     check_attack(cfg, data)
+    if cfg.audit.inversion.method != "none":
+        check_inversion(cfg, data)
     store = None
     if rank == 0:
         probe_server_code(cfg, data, num_params)
@@ -285,6 +292,22 @@ def check_attack(cfg: Config, data: FederatedData) -> None:
     entry = extensions.attack(cfg.attack.name)
     if entry.check is not None:
         entry.check(attacks.resolved_params(cfg, None, entry), data)
+
+
+def check_inversion(cfg: Config, data: FederatedData) -> None:
+    """Gradient inversion reconstructs a client's whole shard as one batch of images."""
+    v = cfg.audit.inversion
+    if len(data.input_shape) != 3:
+        raise ConfigError("audit.inversion.method", v.method, f"reconstructs images; data.name = {cfg.data.name} gives "
+                          f"samples of shape {data.input_shape}")
+    largest = int(data.client_sizes().max())
+    if v.method in ("analytic", "idlg") and largest > 1:
+        raise ConfigError("audit.inversion.method", v.method, f"recovers the one example behind an update, but clients "
+                          f"hold up to {largest} examples; give every client one (clients.total = the training set's size)")
+    if largest > v.max_examples:
+        raise ConfigError("audit.inversion.max_examples", v.max_examples, f"the attack reconstructs a client's whole "
+                          f"shard as one batch, and clients hold up to {largest} examples; raise it or spread the data "
+                          "over more clients (clients.total)")
 
 
 def _gib(n: float) -> str:

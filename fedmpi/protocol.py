@@ -25,7 +25,10 @@ Only algorithms that keep client state (SCAFFOLD) send the per-slot rows; the
 state itself stays on rank 0 (:mod:`fedmpi.client_state`).
 
 A STOP header carries the exit status every rank then ends with (the end of the
-run, a checkpoint after a signal, or divergence). Which slots a
+run, a checkpoint after a signal, or divergence). A RUN header (membership audit
+only) switches the workers to another federation: run 0 is the audited run, runs
+1..N its shadow federations (:mod:`fedmpi.leakage_audit`); the rounds that follow
+train that run's clients. Which slots a
 rank trains depends on the world size, but what a client computes does not
 (its randomness is keyed by seed, round and client id), so the gathered (K, d)
 array is the same for any number of ranks.
@@ -53,6 +56,7 @@ EXIT_DIVERGED = 4  # the global model (or every honest client's update) became n
 
 CMD_STOP, CMD_ROUND = 0, 1
 CMD_STATE, CMD_LOAD = 2, 3  # transport: sharded: gather / scatter one part of the server state (header[1]: the part)
+CMD_RUN = 4  # membership audit: the federation (header[1]) whose clients the next rounds train
 
 # One float64 row per cohort slot, sent by the rank that trained it. update_norm and
 # finite (1.0 / 0.0) are the worker's check of the row, filled for transport: reduce only
@@ -96,6 +100,7 @@ class RoundOrder:
     command: int = CMD_ROUND  # CMD_STATE / CMD_LOAD (transport: sharded), with ``part``
     part: int = 0
     corrections: np.ndarray | None = None  # this rank's per-slot rows (SCAFFOLD), or None
+    run: int | None = None  # a RUN order: the federation whose clients the next rounds train
 
 
 class RoundMessages:
@@ -136,6 +141,11 @@ class RoundMessages:
         self.header[:] = (command, part, 0)
         self.comm.bcast_idle(self.header)
 
+    def send_run(self, run: int) -> None:
+        """Rank 0: the rounds that follow train the clients of federation ``run``."""
+        self.header[:] = (CMD_RUN, run, 0)
+        self.comm.bcast_idle(self.header)
+
     def receive_round(self) -> RoundOrder:
         """A worker: the next order (asleep until it comes)."""
         self.comm.bcast_idle(self.header)
@@ -143,6 +153,8 @@ class RoundMessages:
             return RoundOrder(stop=True, status=int(self.header[1]))
         if self.header[0] in (CMD_STATE, CMD_LOAD):
             return RoundOrder(False, command=int(self.header[0]), part=int(self.header[1]))
+        if self.header[0] == CMD_RUN:
+            return RoundOrder(False, command=CMD_RUN, run=int(self.header[1]))
         round_index, cohort_size = int(self.header[1]), int(self.header[2])
         cohort = np.empty(cohort_size, dtype=np.int64)
         self.comm.bcast(cohort)

@@ -189,6 +189,9 @@ class ResultsWriter:
         if self.snapshot_every and len(history.get("snapshot_round", [])):
             self._append(self.f["model/snapshots"], history["snapshots"])
             self._append(self.f["model/snapshot_round"], history["snapshot_round"])
+        for name, values in history.get("extra", {}).items():
+            if name in self.f and self.f[name].maxshape[0] is None:
+                self._append(self.f[name], values)
         if history.get("checkpoint") is not None:
             round_index, weights, state = history["checkpoint"]
             self.checkpoint(round_index, weights, state)
@@ -319,6 +322,7 @@ def read_checkpoint(path: str) -> dict:
             keep = snap_rounds <= round_index
             history["snapshot_round"] = snap_rounds[keep]
             history["snapshots"] = f["model/snapshots"][: int(keep.sum())]
+        history["extra"] = _extra_history(f, round_index)
         if round_index >= 0:
             group = f[f"checkpoint/slot{slot}"]
             state = {}  # the clients' state (slot<k>/clients) can be large: ServerLoop.load_client_state reads it
@@ -329,6 +333,29 @@ def read_checkpoint(path: str) -> dict:
         f["run/finished"].refresh()
         return {"config": f.attrs["config"], "attrs": dict(f.attrs), "finished": bool(f["run/finished"][()]),
                 "round": round_index, "slot": slot, "history": history}
+
+
+def _extra_history(f, round_index: int) -> dict:
+    """Per-round rows of datasets beyond the schema, up to ``round_index``: every growable
+    dataset under /audit whose group holds a growable 1-D ``round`` dataset (the round of
+    each row, appended in round order) is cut to the rows of rounds <= ``round_index``."""
+    import h5py
+
+    groups = [f["audit"]] if "audit" in f else []
+    if groups:
+        f["audit"].visititems(lambda name, obj: groups.append(obj) if isinstance(obj, h5py.Group) else None)
+    history = {}
+    for group in groups:
+        rounds = group.get("round")
+        if not isinstance(rounds, h5py.Dataset) or rounds.ndim != 1 or rounds.maxshape[0] is not None:
+            continue
+        rounds.refresh()
+        keep = int(np.searchsorted(rounds[:], round_index, side="right"))
+        for ds in group.values():
+            if isinstance(ds, h5py.Dataset) and ds.ndim and ds.maxshape[0] is None:
+                ds.refresh()
+                history[ds.name] = ds[:keep]
+    return history
 
 
 class ResultsError(ValueError):

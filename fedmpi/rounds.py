@@ -181,6 +181,10 @@ class RuleAggregator:
         f, problem = self.finite_f(k, kept)
         if problem is not None:
             return self.skip(k, kept, problem)
+        if "weights" in self.rule.reads and not updates.samples[kept].sum():
+            # no client of the cohort holds a sample (e.g. a membership audit's split): a zero
+            # step, as the pre-summed mean of transport: reduce takes
+            return Aggregate(np.zeros(self.size), np.zeros(k, dtype=bool), np.full(k, np.nan))
         rows = finite_rows(updates.rows, kept)
         result, members, row_of_slot = self.apply(rows, updates.samples[kept].astype(np.float64), f, round_index)
         if self.rule.next_state is not None:

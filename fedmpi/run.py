@@ -351,23 +351,42 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
     per_slot = bool(ALGORITHMS[cfg.algorithm.name].client_state)
     blocks = BlockLayout(model.size, cfg.shard_block, comm.size) if cfg.transport == "sharded" else None
     messages = RoundMessages(comm, model.size, reduce, blocks, per_slot) if comm.size > 1 else None
+    host = ClientHost(cfg, data, model) if comm.rank != 0 or comm.size == 1 else None
+    host_for = None
+    if cfg.audit.membership.level != "none":  # RUN orders switch between the audited run and its shadows
+        from .leakage_audit import shadow_config, shadow_data
+
+        shadow_hosts: list = []
+
+        def host_for(run: int) -> ClientHost:
+            while shadow_hosts:
+                shadow_hosts.pop().close()
+            if run:
+                shadow_hosts.append(ClientHost(shadow_config(cfg, run), shadow_data(cfg, data, run), model))
+            return shadow_hosts[-1] if run else host
     if comm.rank != 0:
         # rank 0 decides when to stop (after a checkpoint) and tells the workers
         if stop is None:
             _on_stop_signals(lambda name: None)
         sharded = ShardedWorker(cfg, model.size, messages) if blocks is not None else None
-        return serve(messages, ClientHost(cfg, data, model), sharded)
+        return serve(messages, host, sharded, host_for)
 
     from .results import ResultsWriter, read_checkpoint
     from .server import ServerLoop
 
     if comm.size == 1:
-        clients = LocalClients(ClientHost(cfg, data, model), model.size, reduce)
+        clients = LocalClients(host, model.size, reduce, host_for)
     else:
         clients = RemoteClients(messages)
     if blocks is not None:
         clients = ShardedClients(cfg, ShardContext(blocks, comm, messages), clients if comm.size == 1 else None)
     loop = ServerLoop(cfg, clients, data, model, weights, writer=None, quiet=quiet, state_store=state_store)
+    audit = None
+    if cfg.audit.inversion.method != "none" or cfg.audit.membership.level != "none":
+        from .leakage_audit import LeakageAudit
+
+        audit = LeakageAudit(cfg, data, lambda: build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed),
+                             model.size)
     if stop is None:
         _on_stop_signals(lambda name: setattr(loop, "stop_signal", name))
     else:
@@ -395,12 +414,15 @@ def run_experiment(cfg: Config, comm, data, config_yaml: str, quiet: bool = Fals
     writer = ResultsWriter(path, config_yaml=config_yaml, world_size=comm.size, seed=cfg.seed, layout=specs,
                            overwrite=cfg.output.overwrite or bool(resume_path), snapshot_every=cfg.output.snapshot_every,
                            attrs=attrs, state_spec=loop.state_spec(), history=history, clients=loop.client_state,
-                           extra=loop.audit_specs())
+                           extra={**loop.audit_specs(), **(audit.specs() if audit is not None else {})})
     if resume_path:
         os.replace(path, resume_path)  # the old file stays whole until its copy is complete
         writer.path = resume_path
     loop.writer = writer
     loop.write_audit_definitions()
+    if audit is not None:
+        audit.start(writer)
+        loop.leakage = audit
     try:
         return loop.run(start_round)
     finally:

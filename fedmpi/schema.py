@@ -233,11 +233,41 @@ class ClientCanaryConfig:
 
 
 @dataclass(frozen=True)
+class InversionConfig:
+    """Gradient inversion by an honest-but-curious server (docs/privacy.md, "What an attacker learns")."""
+
+    # none (off) | analytic | idlg | dlg | inverting_gradients | fedavg_unrolled
+    method: Literal["none", "analytic", "idlg", "dlg", "inverting_gradients", "fedavg_unrolled"] = "none"
+    rounds: tuple[int, ...] = (0,)  # rounds whose updates rank 0 attacks (0-based)
+    slots: int = 1  # cohort slots attacked per round: the first k of the cohort
+    iterations: int | None = None  # optimiser steps; default: the paper's (DLG 300 L-BFGS steps, Inverting Gradients 4800)
+    restarts: int = 1  # trials from fresh random starts; the lowest gradient distance wins
+    step_size: float | None = None  # Adam step (inverting_gradients 0.1, fedavg_unrolled 1.0 by default)
+    tv: float = 1e-4  # total-variation weight (inverting_gradients, fedavg_unrolled)
+    labels: Literal["recovered", "known"] = "recovered"  # recovered: iDLG / optimised; known: the attacker is given them
+    known_order: bool = False  # fedavg_unrolled: the server knows each client's batch order (it holds the run's seed)
+    max_examples: int = 8  # the largest client shard the attack reconstructs as one batch; larger shards are refused
+
+
+@dataclass(frozen=True)
+class MembershipConfig:
+    """Membership inference on the global model with shadow federations (docs/privacy.md)."""
+
+    level: Literal["none", "example", "client"] = "none"  # none (off) | example: was this example trained on | client
+    shadows: int = 16  # shadow federations trained after the run; every example (client) is in half of them
+    every: int = 0  # also attack the global model every k rounds (0: only the final model)
+    variance: Literal["global", "per_example"] = "global"  # LiRA: one pooled variance, or one per example (many shadows)
+
+
+@dataclass(frozen=True)
 class AuditConfig:
-    """Empirical privacy auditing inside the run (docs/privacy.md, "Auditing")."""
+    """Empirical privacy auditing inside the run, and what an attacker learns from the
+    run and the released model (docs/privacy.md, "Auditing" and "What an attacker learns")."""
 
     canaries: CanaryConfig = field(default_factory=CanaryConfig)
     client_canaries: ClientCanaryConfig = field(default_factory=ClientCanaryConfig)
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+    membership: MembershipConfig = field(default_factory=MembershipConfig)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,9 @@ PURPOSES = {
     "dropout": 19,
     "speed": 20,
     "audit": 21,  # audit canaries (fedmpi.canaries): (what, ...)
+    "inversion": 22,  # a gradient-inversion attack's random starts on rank 0: (round, client id)
+    "membership": 23,  # membership splits: (0, client) the audited run's, (1, client) the shadows'
+    "shadow": 24,  # a shadow federation's experiment seed: (shadow index)
 }
 
 

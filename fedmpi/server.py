@@ -26,12 +26,14 @@
 6. evaluate (every ``eval.every`` rounds, after the last, and after a round in
    which the run diverged), and the attack's success rate on its triggered test
    set (the backdoor);
-7. record: append the round to the HDF5 file (flushed), print one line.
+7. record: append the round to the HDF5 file (flushed), print one line;
+8. leakage audits (``audit.inversion``), outside the round's clock.
 
-After the last round the workers are told to stop and the final model is
-written. A checkpoint (weights, server optimizer, aggregator, algorithm,
-accountant and attack state, and the clients' state: everything else is keyed
-by seed and round) is written every
+After the last round the membership audit (``audit.membership``) trains its
+shadow federations through the same clients, then the workers are told to stop
+and the final model is written. A checkpoint (weights, server optimizer,
+aggregator, algorithm, accountant and attack state, and the clients' state:
+everything else is keyed by seed and round) is written every
 ``output.checkpoint_every`` rounds, at the end, and after the round in which
 SIGTERM or SIGUSR1 arrived; the run then stops and ``--resume`` continues it
 bit for bit.
@@ -196,6 +198,7 @@ class ServerLoop:
         self.last_accuracy = np.nan
         self.diverged: str | None = None  # what went non-finite in the last round
         self.stop_signal: str | None = None  # set by a signal handler: checkpoint and stop after this round
+        self.leakage = None  # fedmpi.leakage_audit.LeakageAudit when the config has audit.inversion / audit.membership
 
     # ---- state a checkpoint holds (everything else is keyed by seed and round)
 
@@ -275,25 +278,37 @@ class ServerLoop:
             if self.stop_signal is not None or (every and (r + 1) % every == 0 and r + 1 < self.cfg.rounds):
                 self.writer.checkpoint(r, self.weights, self.state())
             if self.stop_signal is not None and r + 1 < self.cfg.rounds:
-                self.clients.stop(EXIT_CHECKPOINTED)  # every rank ends with this status
-                self.writer.stopped(EXIT_CHECKPOINTED)
-                print(f"fedmpi: {self.stop_signal} received; checkpoint after round {r + 1} written to "
-                      f"{self.writer.path}; continue with: python -m fedmpi.run --resume {self.writer.path}",
-                      file=sys.stderr, flush=True)
-                return EXIT_CHECKPOINTED
+                return self.stop_checkpointed(r)
+        if self.leakage is not None and not self.leakage.after_run(self):  # membership audit: shadow federations
+            return self.stop_checkpointed(self.cfg.rounds - 1)
         self.writer.checkpoint(self.cfg.rounds - 1, self.weights, self.state())  # lets --resume extend the run
         self.clients.stop(EXIT_OK)  # after the checkpoint: sharded state is gathered from the workers
-        self.writer.finish(self.cfg.rounds - 1, self.weights, self.final_privacy())
+        privacy = self.final_privacy()
+        self.writer.finish(self.cfg.rounds - 1, self.weights, privacy)
+        if self.leakage is not None and not self.quiet:
+            for line in self.leakage.summary_lines(privacy):
+                print(line, flush=True)
         if not self.quiet:
             print(f"done: {self.cfg.rounds - start_round} rounds in {time.perf_counter() - run_start:.1f} s; "
                   f"final test accuracy {self.last_accuracy:.4f}; results in {self.writer.path}", flush=True)
         return EXIT_OK
 
+    def stop_checkpointed(self, r: int) -> int:
+        """After a signal: every rank ends with EXIT_CHECKPOINTED (the checkpoint after round r is written)."""
+        self.clients.stop(EXIT_CHECKPOINTED)
+        self.writer.stopped(EXIT_CHECKPOINTED)
+        print(f"fedmpi: {self.stop_signal} received; checkpoint after round {r + 1} written to "
+              f"{self.writer.path}; continue with: python -m fedmpi.run --resume {self.writer.path}",
+              file=sys.stderr, flush=True)
+        return EXIT_CHECKPOINTED
+
     def run_round(self, r: int) -> None:
-        """One round: sample, collect, aggregate, step, account, evaluate, record."""
+        """One round: sample, collect, aggregate, step, account, evaluate, record; then the
+        leakage audits of the round (outside its clock)."""
         clock = Stopwatch()
         cohort = sample_cohort(self.cfg, r)
         updates, arrived = self.collect(r, cohort)
+        observed = self.leakage.observe(r, arrived, self.weights) if self.leakage is not None else None
         clock.lap("collect")
         aggregated = self.client_canaries.insert(r, arrived) if self.client_canaries is not None else arrived
         result = self.aggregator(aggregated, r)
@@ -314,6 +329,16 @@ class ServerLoop:
         clock.lap("eval")
         self.record(r, updates, result, privacy, evaluation, clock)
         self.warn(r, arrived, result)
+        if self.leakage is not None:
+            self.leakage.after_round(r, observed, self.weights)
+
+    def train_round(self, r: int) -> None:
+        """A round without accounting, evaluation or records: sample, collect, aggregate,
+        step (the membership audit's shadow federations)."""
+        _, arrived = self.collect(r, sample_cohort(self.cfg, r))
+        result = self.aggregator(arrived, r)
+        if result.skipped is None:
+            self.optimizer.step(self.weights, result.vector)
 
     # ---- the steps
 
@@ -419,8 +444,10 @@ class ServerLoop:
         train_s = max(updates.record("train_s")[offsets[i]:offsets[i + 1]].sum() for i in range(len(updates.counts)))
         losses, kept_samples, kept_steps, kept_clipped = updates.record("train_loss"), samples, steps, clipped
         dropped = updates.dropped
-        if dropped.any():  # the round's means are over the updates that arrived
-            kept = ~dropped
+        # the round's means are over the updates that arrived from clients that trained (a client
+        # without examples, e.g. in a membership audit's split, has no loss)
+        kept = ~dropped & (samples > 0)
+        if not kept.all():
             losses, kept_samples, kept_steps, kept_clipped = losses[kept], samples[kept], steps[kept], clipped[kept]
         train_loss = float(np.average(losses, weights=kept_samples)) if kept_samples.sum() else np.nan
         if p.mode == "sample":

@@ -29,7 +29,7 @@ from .canaries import ExampleCanaries
 from .data import FederatedData
 from .models import FlatModel
 from .privacy.client_level import privatise_update
-from .protocol import CMD_ROUND, RECORD, RECORD_FIELDS, RoundMessages, slot_counts, weighted_total
+from .protocol import CMD_ROUND, CMD_RUN, RECORD, RECORD_FIELDS, RoundMessages, slot_counts, weighted_total
 from .rounds import Updates
 from .schema import Config
 from .sharded.round import ColumnCheck, ShardContext, ShardedWorker
@@ -48,6 +48,11 @@ class ClientHost:
         self.byzantine = set(attacks.byzantine_clients(cfg.seed, cfg.clients.total, a.fraction, a.clients).tolist())
         self.attack_params = attacks.resolved_params(cfg, data, self.attack)
         self.canaries = ExampleCanaries(cfg, data, model.size) if cfg.audit.canaries.count else None
+
+    def close(self) -> None:
+        """Detach what this host attached to the shared model (DP-SGD's forward hooks)."""
+        if self.trainer.dp:
+            self.trainer.per_example.remove()
 
     def train_slots(self, round_index: int, client_ids: np.ndarray, weights: np.ndarray,
                     rows: np.ndarray, records: np.ndarray, draws: devices.CohortDraws | None = None,
@@ -96,10 +101,15 @@ class ClientHost:
 
 
 class LocalClients:
-    """One process: rank 0 trains the whole cohort itself."""
+    """One process: rank 0 trains the whole cohort itself. ``host_for(run)``: the host of
+    another federation (membership audit's shadows)."""
 
-    def __init__(self, host: ClientHost, size: int, reduce: bool):
-        self.host, self.size, self.reduce = host, size, reduce
+    def __init__(self, host: ClientHost, size: int, reduce: bool, host_for=None):
+        self.host, self.size, self.reduce, self.host_for = host, size, reduce, host_for
+
+    def switch(self, run: int) -> None:
+        """The rounds that follow train the clients of federation ``run`` (0: the audited run)."""
+        self.host = self.host_for(run)
 
     def collect(self, round_index: int, cohort: np.ndarray, weights: np.ndarray,
                 slot_rows: np.ndarray | None = None) -> Updates:
@@ -127,6 +137,10 @@ class RemoteClients:
         self.messages.send_round(round_index, cohort, weights, slot_rows)
         rows, total, records, counts = self.messages.receive_updates(len(cohort))
         return Updates(cohort, records, counts, rows=rows, total=total)
+
+    def switch(self, run: int) -> None:
+        """The rounds that follow train the clients of federation ``run`` (0: the audited run)."""
+        self.messages.send_run(run)
 
     def stop(self, status: int) -> None:
         self.messages.send_stop(status)
@@ -161,16 +175,20 @@ class ShardedClients:
             self.context.messages.send_stop(status)
 
 
-def serve(messages: RoundMessages, host: ClientHost, sharded: ShardedWorker | None = None) -> int:
+def serve(messages: RoundMessages, host: ClientHost, sharded: ShardedWorker | None = None, host_for=None) -> int:
     """A worker: train this rank's slots of every round until STOP; return the exit
     status rank 0 sent with it. ``sharded``: the worker's part of a sharded round
-    (and of the state transfers rank 0 calls in)."""
+    (and of the state transfers rank 0 calls in). ``host_for(run)``: the host of
+    another federation, for RUN orders (membership audit's shadows)."""
     rank, size = messages.comm.rank, messages.size
     rows = np.empty((0, size), dtype=np.float32)
     while True:
         order = messages.receive_round()
         if order.stop:
             return order.status
+        if order.command == CMD_RUN:
+            host = host_for(order.run)
+            continue
         if order.command != CMD_ROUND:
             sharded.command(order)
             continue

@@ -62,6 +62,13 @@ CONFIG_CASES = {
                                  "--set", "privacy.noise_multiplier=1", "--set", "privacy.accountant=rdp"],
                                 "privacy.mode = 'client_central'", "not with transport: sharded"),
     "shard block without sharding": (["--set", "shard_block=64"], "shard_block = 64", "only used with transport = sharded"),
+    "inversion of large shards": (["--set", "audit.inversion.method=dlg"], "audit.inversion.max_examples = 8",
+                                  "clients hold up to 90 examples"),
+    "analytic inversion of a batch": (["--set", "audit.inversion.method=analytic", "--set", "clients.total=700",
+                                       "--set", "audit.inversion.max_examples=4"],
+                                      "audit.inversion.method = 'analytic'", "clients hold up to 3 examples"),
+    "membership audit with sharding": (["--set", "transport=sharded", "--set", "audit.membership.level=example"],
+                                       "audit.membership.level = 'example'", "not with transport: sharded"),
 }
 
 

@@ -293,7 +293,7 @@ class RunAccountant:
 def calibrate_for_run(cfg, client_sizes: np.ndarray) -> float:
     """The noise multiplier that meets ``privacy.target_epsilon`` for this run.
 
-    sample: for the smallest client (largest q = B / n), taking part in
+    sample: for the smallest client holding examples (largest q = B / n), taking part in
     :func:`expected_participations` rounds; client_central: the cohort sampling
     rate over all rounds; client_local: the expected participations.
     """
@@ -301,7 +301,8 @@ def calibrate_for_run(cfg, client_sizes: np.ndarray) -> float:
     acc = p.accountant
     rounds = expected_participations(cfg.rounds, c.per_round, c.total)
     if p.mode == "sample":
-        q, steps = dp_schedule(int(client_sizes.min()), cfg.train.batch_size, cfg.train.epochs)
+        trained = client_sizes[client_sizes > 0]  # a client without examples never spends privacy
+        q, steps = dp_schedule(int(trained.min()) if len(trained) else 0, cfg.train.batch_size, cfg.train.epochs)
         return calibrate_noise(p.target_epsilon, q, rounds * steps, p.delta, acc)
     if p.mode == "client_local":
         return calibrate_noise(p.target_epsilon, 1.0, rounds, p.delta, acc,
