@@ -310,18 +310,7 @@ class ServerLoop:
         updates, arrived = self.collect(r, cohort)
         observed = self.leakage.observe(r, arrived, self.weights) if self.leakage is not None else None
         clock.lap("collect")
-        aggregated = self.client_canaries.insert(r, arrived) if self.client_canaries is not None else arrived
-        result = self.aggregator(aggregated, r)
-        if aggregated is not arrived:
-            result = without_canaries(result, len(arrived.cohort))
-        if arrived is not updates:
-            result = result.for_slots(~updates.dropped)
-        before = self.weights.copy() if self.client_canaries is not None else None
-        if result.skipped is None:
-            self.optimizer.step(self.weights, result.vector)
-            self.algorithm.after_round(arrived, r)
-            if self.client_canaries is not None:
-                self.client_canaries.observe(self.weights.astype(np.float64) - before)
+        result = self.step(r, updates, arrived)
         privacy = self.account(updates)
         self.diverged = self.divergence(arrived)
         clock.lap("aggregate")
@@ -331,6 +320,23 @@ class ServerLoop:
         self.warn(r, arrived, result)
         if self.leakage is not None:
             self.leakage.after_round(r, observed, self.weights)
+
+    def step(self, r: int, updates: Updates, arrived: Updates) -> Aggregate:
+        """Aggregate the updates that arrived (with the audit's canary clients, whose slots
+        are then left out of the decision) and, unless the rule skipped the round, step
+        the server optimizer and the algorithm's server half. Returns the decision for
+        every slot of the cohort."""
+        aggregated = self.client_canaries.insert(r, arrived) if self.client_canaries is not None else arrived
+        result = self.aggregator(aggregated, r)
+        if aggregated is not arrived:
+            result = without_canaries(result, len(arrived.cohort))
+        if result.skipped is None:
+            before = self.weights.copy() if self.client_canaries is not None else None
+            self.optimizer.step(self.weights, result.vector)
+            self.algorithm.after_round(arrived, r)
+            if self.client_canaries is not None:
+                self.client_canaries.observe(self.weights.astype(np.float64) - before)
+        return result.for_slots(~updates.dropped) if arrived is not updates else result
 
     def train_round(self, r: int) -> None:
         """A round without accounting, evaluation or records: sample, collect, aggregate,
