@@ -266,3 +266,22 @@ def test_final_report_stays_with_rdp_when_there_is_almost_no_noise():
     acc.after_round(np.arange(4), np.full(4, 10))
     eps, med, used = acc.final()
     assert used == "rdp" and eps > accounting.PLD_MAX_EPSILON and eps == med
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_target_epsilon_holds_for_the_client_that_spends_most_not_only_the_smallest(accountant):
+    """Clients of 44 and 46 examples, batches of 10: the smaller samples at q = 10/44 for
+    4 steps an epoch, the larger at 10/46 for 5, and spends more. The calibrated noise
+    keeps every client at or below the target, the larger one within the tolerance of it.
+    Each client's epsilon comes from dp-accounting directly, Poisson-subsampled Gaussian."""
+    cfg = from_mapping({"rounds": 10, "clients": {"total": 20, "per_round": 20}, "train": {"batch_size": 10},
+                        "privacy": {"mode": "sample", "target_epsilon": 1.0, "accountant": accountant}})
+    sigma = accounting.calibrate_for_run(cfg, np.array([44] * 10 + [46] * 10))
+    spent = {}
+    for n, steps in ((44, 4), (46, 5)):
+        event = dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(10 / n, dp_event.GaussianDpEvent(sigma)),
+                                             10 * steps)
+        acc = rdp.RdpAccountant() if accountant == "rdp" else pld.PLDAccountant()
+        spent[n] = acc.compose(event).get_epsilon(1e-5)
+    assert spent[46] > spent[44]
+    assert spent[46] <= 1.0 + 1e-6 and spent[46] >= 1.0 - 2e-3, spent

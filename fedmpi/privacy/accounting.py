@@ -290,20 +290,49 @@ class RunAccountant:
         return max(values.values()), values[int(median_client)], acc
 
 
+def _worst_schedules(client_sizes: np.ndarray, batch_size: int, epochs: int, rounds: int, target_epsilon: float,
+                     delta: float, keep: int = 3) -> list[tuple[float, int]]:
+    """The (sample rate q, steps over the run) of the clients that may spend most under
+    DP-SGD. A client of n examples runs epochs x round(n / B) steps a participation at
+    q = B / n: a smaller client samples more often, a larger one takes more steps, so
+    the smallest client is not always the one that spends most (with B = 10, 44
+    examples give 4 steps at q = 0.227, 46 give 5 at q = 0.217, and the second spends
+    more). The candidates are the schedules no other one dominates (a larger q and more
+    steps); of those, the ``keep`` that spend most under RDP at the noise RDP
+    calibrates ``target_epsilon`` for (RDP is cheap; the caller calibrates with the
+    run's accountant on these). A client without examples never spends privacy."""
+    schedules = {dp_schedule(int(n), batch_size, epochs) for n in np.unique(client_sizes[client_sizes > 0])}
+    if not schedules:
+        return [(0.0, 0)]
+    front = sorted((q, steps * rounds) for q, steps in schedules
+                   if not any(q2 >= q and s2 >= steps and (q2, s2) != (q, steps) for q2, s2 in schedules))
+    if len(front) <= keep:
+        return front
+    at = calibrate_noise(target_epsilon, 0.0, 0, delta, "rdp",
+                         eps_fn=lambda z: max(epsilon(z, q, s, delta, "rdp") for q, s in front))
+    front.sort(key=lambda qs: epsilon(at, qs[0], qs[1], delta, "rdp"), reverse=True)
+    return sorted(front[:keep])
+
+
 def calibrate_for_run(cfg, client_sizes: np.ndarray) -> float:
     """The noise multiplier that meets ``privacy.target_epsilon`` for this run.
 
-    sample: for the smallest client holding examples (largest q = B / n), taking part in
-    :func:`expected_participations` rounds; client_central: the cohort sampling
-    rate over all rounds; client_local: the expected participations.
+    sample: for the client that spends most, each taking part in
+    :func:`expected_participations` rounds (:func:`_worst_schedules`);
+    client_central: the cohort sampling rate over all rounds; client_local: the
+    expected participations.
     """
     p, c = cfg.privacy, cfg.clients
     acc = p.accountant
     rounds = expected_participations(cfg.rounds, c.per_round, c.total)
     if p.mode == "sample":
-        trained = client_sizes[client_sizes > 0]  # a client without examples never spends privacy
-        q, steps = dp_schedule(int(trained.min()) if len(trained) else 0, cfg.train.batch_size, cfg.train.epochs)
-        return calibrate_noise(p.target_epsilon, q, rounds * steps, p.delta, acc)
+        schedules = _worst_schedules(client_sizes, cfg.train.batch_size, cfg.train.epochs, rounds, p.target_epsilon,
+                                     p.delta)
+        if len(schedules) == 1:
+            (q, steps), = schedules
+            return calibrate_noise(p.target_epsilon, q, steps, p.delta, acc)
+        return calibrate_noise(p.target_epsilon, 0.0, 0, p.delta, acc,
+                               eps_fn=lambda z: max(epsilon(z, q, steps, p.delta, acc) for q, steps in schedules))
     if p.mode == "client_local":
         return calibrate_noise(p.target_epsilon, 1.0, rounds, p.delta, acc,
                                eps_fn=lambda z: epsilon_local(z, rounds, p.delta, acc))
