@@ -1,9 +1,12 @@
 """Tables and figures of docs/privacy.md's "What an attacker learns", from the leakage sweeps.
 
     for s in methods noise batch steps membership membership_dp; do
-        python -m fedmpi.sweep configs/sweeps/leakage_$s.yaml --run
+        mpirun -n 2 python -m fedmpi.sweep configs/sweeps/leakage_$s.yaml --in-job --ranks-per-run 1
     done
     python tools/leakage_study.py            # prints the tables, writes the two figures
+
+(``--in-job`` keeps the interpreters warm: two one-process runs at a time; ``--run``
+starts each run as its own ``mpirun`` and writes the same files.)
 
 Reads each sweep's results directory (``out`` in the sweep file, found through its
 manifest.json), prints one markdown table per study, and draws
@@ -133,11 +136,12 @@ def steps(results: Path) -> None:
     by_method: dict[str, dict] = {}
     for overrides, leak, _ in found:
         n = inversion_numbers(leak)
-        by_method.setdefault(overrides["audit.inversion.method"], {})[overrides["train.epochs"]] = n["psnr"]
+        by_method.setdefault(overrides["audit.inversion.method"], {})[overrides["train.epochs"]] = n
     epochs = sorted({e for values in by_method.values() for e in values})
-    print("\nLocal steps on one digit (PSNR dB, mean over the attacked updates, 200 iterations):\n")
+    print("\nLocal steps on one digit (PSNR dB, mean over the attacked updates (min), SSIM; 200 iterations):\n")
     print(table(["method"] + [f"{e} step(s)" for e in epochs],
-                [[m] + [f"{values[e]:.1f}" for e in epochs] for m, values in by_method.items()]))
+                [[m] + [f"{values[e]['psnr']:.1f} (min {values[e]['psnr_min']:.1f}), {values[e]['ssim']:.3f}" for e in epochs]
+                 for m, values in by_method.items()]))
 
 
 def membership_rows(found) -> list[dict]:
@@ -162,6 +166,7 @@ def membership(results: Path, images: Path) -> None:
     print("\nMembership inference, final model, mean ± std over seeds (loss threshold / LiRA offline / LiRA online):\n")
     lines = []
     summary = {}
+    measured = {}  # target -> the accountant's epsilon, mean over seeds (the calibration may miss the target)
     for target in sorted(groups):
         g = groups[target]
 
@@ -171,7 +176,8 @@ def membership(results: Path, images: Path) -> None:
 
         eps = [r["epsilon"] for r in g]
         summary[target] = {k: [ms(k, j) for j in range(3)] for k in ("auc", "tpr1", "advantage")}
-        bound = "-" if math.isinf(target) else f"{math.exp(max(eps)) - 1:.2f}"
+        measured[target] = float(np.mean(eps))
+        bound = "-" if math.isinf(target) else f"{math.exp(max(eps)) - 1:.3g}"
         lines.append(["none" if math.isinf(target) else f"{np.mean(eps):.3g}", len(g), f"{ms('accuracy')[0]:.3f}"]
                      + [" / ".join(f"{m:.3f}±{s:.3f}" for m, s in summary[target][k]) for k in ("auc", "tpr1")]
                      + [" / ".join(f"{max(r['advantage'][j] for r in g):.3f}" for j in range(3)), bound])
@@ -192,8 +198,8 @@ def membership(results: Path, images: Path) -> None:
             ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=name)
         ax.axhline(0.5 if key == "auc" else 0.01, color="grey", linestyle=":", label="chance")
         ax.set_xscale("log")
-        ax.set_xticks(xs, [f"{t:g}" for t in finite] + (["no DP"] if math.inf in summary else []))
-        ax.set(xlabel="epsilon (DP-SGD, delta 1e-5)", ylabel=label)
+        ax.set_xticks(xs, [f"{measured[t]:.3g}" for t in finite] + (["no DP"] if math.inf in summary else []))
+        ax.set(xlabel="epsilon (DP-SGD, delta 1e-5, mean over seeds)", ylabel=label)
         ax.legend(fontsize=7)
     fig.suptitle("Membership inference on an overfit federation (digits, 180 examples, 2 clients), mean and std "
                  "over seeds", fontsize=9)
