@@ -2,10 +2,10 @@
 client-level estimate against the analytic Gaussian epsilon.
 
     python tools/audit_study.py [PART ...] [--seeds 5] [--ranks 3] [--first-seed 0] [--json out.json]
-                                [--set KEY=VALUE ...]
+                                [--set KEY=VALUE ...] [--only TEXT] [--simulate]
 
 ``--set`` adds overrides to every run of the parts (after their own: ``--set rounds=5``
-shortens them all).
+shortens them all); ``--only TEXT`` keeps the runs whose label contains TEXT.
 
 Parts (default: all; each runs ``--seeds`` seeds, one run after another):
 
@@ -153,7 +153,9 @@ def summary(part: str, label: str, rows: list) -> str:
     ratio = [r["estimate_final"] / r["analytic"] for r in rows]
     return (f"{part:22s} {label:32s} final-model estimate {min(e):.2f}..{max(e):.2f} (median {np.median(e):.2f}), "
             f"max-cosine {min(m):.2f}..{max(m):.2f}; /analytic {min(ratio):.2f}..{max(ratio):.2f}; accountant eps "
-            f"{rows[0]['epsilon']:.3g}, analytic Gaussian eps {rows[0]['analytic']:.3g}")
+            f"{rows[0]['epsilon']:.3g}, analytic Gaussian eps {rows[0]['analytic']:.3g}"
+            + (f", final model with {rows[0]['repeats']} presentation(s) {rows[0]['analytic_final']:.3g}"
+               if "analytic_final" in rows[0] else ""))
 
 
 def simulate(draws: int = 200, canaries: int = 500, delta: float = 1e-5) -> list[str]:
@@ -212,6 +214,7 @@ def main() -> int:
     parser.add_argument("--ranks", type=int, default=3)
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--simulate", action="store_true", help="no runs: the simulation of docs/privacy.md")
+    parser.add_argument("--only", metavar="TEXT", help="only the runs whose label contains TEXT (e.g. 'eps 4, 1000')")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="extra",
                         help="an override added to every run")
     args = parser.parse_args()
@@ -225,6 +228,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmpdir:
         for part in args.parts or list(parts):
             for label, overrides, env in parts[part]:
+                if args.only and args.only not in label:
+                    continue
                 rows = []
                 for seed in range(args.first_seed, args.first_seed + args.seeds):
                     extra = [arg for item in args.extra for arg in ("--set", item)]
