@@ -21,9 +21,13 @@ Two kinds, each turned into an epsilon by :mod:`fedmpi.audit`:
   DP-FedAvg of Andrew, Kairouz, Oh, Oprea, McMahan and Suriyakumar, "One-shot
   Empirical Privacy Estimation for Federated Learning" (ICLR 2024). m canary
   clients (ids ``clients.total + j``), each inserted with probability 1/2; an
-  inserted canary takes part in each round with probability per_round / total
-  (the rate of an ordinary client) and sends a fixed random unit direction u_j
-  scaled to ``scale`` x S, past the clip norm S. Rank 0 inserts their rows after
+  inserted canary takes part in exactly ``repeats`` rounds (default 1), one in
+  each of ``repeats`` equal blocks of the planned rounds, spread evenly over its
+  block by a keyed shuffle (the paper's released code presents each canary a
+  fixed number of times, ``canary_repeats``, by shuffling), or with
+  ``repeats: 0`` in each round with probability per_round / total (the rate of
+  an ordinary client), and sends a fixed random unit direction u_j scaled to
+  ``scale`` x S, past the clip norm S. Rank 0 inserts their rows after
   the real cohort's (central mode clips them like every row; in local mode the
   canary clips and noises its own row, as a client does). Two estimates, from the
   cosines of every canary direction with the model change:
@@ -56,7 +60,7 @@ from .rounds import Updates
 from .schema import Config
 
 # the second key of every "audit" draw: what it is for
-EXAMPLE_DEFINITION, EXAMPLE_SAMPLING, CLIENT_DEFINITION, CLIENT_DIRECTION, CLIENT_PARTICIPATION = range(5)
+EXAMPLE_DEFINITION, EXAMPLE_SAMPLING, CLIENT_DEFINITION, CLIENT_DIRECTION, CLIENT_PARTICIPATION, CLIENT_SCHEDULE = range(6)
 
 EXAMPLE_GROUP = "audit/canaries"
 CLIENT_GROUP = "audit/client_canaries"
@@ -95,6 +99,8 @@ CLIENT_FIELDS = (
                                    "or with fewer than 2 inserted canaries)"),
     ("epsilon_max_cosine", False, "f8", "estimate from the maximum cosine over rounds, null fitted to the canaries "
                                         "not inserted"),
+    ("repeats", False, "i8", "rounds an inserted canary takes part in (audit.client_canaries.repeats; 0: sampled each "
+                             "round at the clients' rate)"),
 )
 
 
@@ -243,6 +249,25 @@ class ExampleCanaries:
 # --------------------------------------------------------------------------- client-level (DP-FedAvg)
 
 
+def schedule(seed: int, count: int, repeats: int, rounds: int) -> np.ndarray:
+    """The rounds each of ``count`` canary clients is presented in: (count, repeats) int64.
+
+    Andrew et al.'s released code presents every canary a fixed number of times
+    (``canary_repeats``) by cycling through ``repeats`` shuffled orders of the canaries
+    spread evenly over the rounds. Here pass p covers the rounds
+    [p T // repeats, (p + 1) T // repeats) of the T planned rounds (blocks that do not
+    overlap, so the ``repeats`` rounds of a canary are distinct), and canary j, at
+    position i of the pass's keyed permutation, takes round start + i L // count of
+    its block of L rounds: every round of a block gets count / L canaries, to one."""
+    out = np.empty((count, repeats), dtype=np.int64)
+    for p in range(repeats):
+        start, stop = p * rounds // repeats, (p + 1) * rounds // repeats
+        position = np.empty(count, dtype=np.int64)
+        position[seeding.rng(seed, "audit", CLIENT_SCHEDULE, p).permutation(count)] = np.arange(count)
+        out[:, p] = start + position * (stop - start) // count
+    return out
+
+
 class ClientCanaries:
     """The canary clients of ``audit.client_canaries`` on rank 0: their rows each round,
     the cosines they leave in the model, and the two estimates at the end.
@@ -254,7 +279,7 @@ class ClientCanaries:
 
     def __init__(self, cfg: Config, initial: np.ndarray, client_sizes: np.ndarray):
         a, c = cfg.audit.client_canaries, cfg.clients
-        self.cfg, self.count, self.scale = cfg, a.count, a.scale
+        self.cfg, self.count, self.scale, self.repeats = cfg, a.count, a.scale, a.repeats
         self.initial = initial.astype(np.float64)
         self.size = len(initial)
         self.rate = c.per_round / c.total
@@ -264,10 +289,14 @@ class ClientCanaries:
         for j in range(self.count):
             u = seeding.rng(cfg.seed, "audit", CLIENT_DIRECTION, j).standard_normal(self.size)
             self.directions[j] = u / np.linalg.norm(u)
+        self.schedule = schedule(cfg.seed, self.count, self.repeats, cfg.rounds) if self.repeats else None
         self.state = {"max_cosine": np.full(self.count, -np.inf), "participations": np.zeros(self.count, dtype=np.int64)}
 
     def cohort(self, round_index: int) -> np.ndarray:
-        """Canaries taking part in ``round_index``: inserted, and drawn at the clients' rate."""
+        """Canaries taking part in ``round_index``: inserted, and scheduled in it (``repeats`` >= 1)
+        or drawn at the clients' rate (``repeats`` = 0)."""
+        if self.schedule is not None:
+            return np.flatnonzero(self.included & (self.schedule == round_index).any(axis=1))
         draw = seeding.rng(self.cfg.seed, "audit", CLIENT_PARTICIPATION, round_index).random(self.count)
         return np.flatnonzero(self.included & (draw < self.rate))
 
@@ -316,7 +345,7 @@ class ClientCanaries:
 
     def write_definition(self, writer) -> None:
         _write(writer, CLIENT_GROUP, included=self.included, count=self.count, dim=self.size, scale=self.scale,
-               delta=self.cfg.privacy.delta)
+               delta=self.cfg.privacy.delta, repeats=self.repeats)
 
     def estimates(self, final: np.ndarray) -> tuple[np.ndarray, float, float]:
         """(final cosines, estimate from the final model, estimate from the max cosine)."""
@@ -338,5 +367,6 @@ class ClientCanaries:
         final_cos, eps_final, eps_max = self.estimates(final)
         _write(writer, CLIENT_GROUP, participations=self.state["participations"], final_cosine=final_cos,
                max_cosine=self.state["max_cosine"], epsilon_final=eps_final, epsilon_max_cosine=eps_max)
+        how = f"each in {self.repeats} round{'s' if self.repeats > 1 else ''}" if self.repeats else "sampled each round"
         return (f"canary estimate {eps_final:.3g} from the final model, {eps_max:.3g} from the max cosine over rounds "
-                f"({self.count} canary clients, {int(self.included.sum())} inserted)")
+                f"({self.count} canary clients, {int(self.included.sum())} inserted, {how})")

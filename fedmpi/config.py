@@ -412,12 +412,16 @@ def _validate_audit(cfg: Config) -> None:
     c = cfg.audit.client_canaries
     _at_least("audit.client_canaries.count", c.count, 0)
     _at_least("audit.client_canaries.scale", c.scale, 1)
+    _at_least("audit.client_canaries.repeats", c.repeats, 0)
     if c.count > 0:
         _require(p.mode in ("client_central", "client_local"), "audit.client_canaries.count", c.count,
                  f"canary clients estimate client-level DP and need privacy.mode = client_central or client_local "
                  f"(privacy.mode is {p.mode}); DP-SGD is audited by audit.canaries")
         _require(cfg.transport == "gather", "audit.client_canaries.count", c.count,
                  "rank 0 inserts the canary clients' rows: needs transport = gather")
+        _require(c.repeats <= cfg.rounds, "audit.client_canaries.repeats", c.repeats,
+                 f"must be <= rounds ({cfg.rounds}): an inserted canary takes part in that many distinct rounds "
+                 "(0: sampled each round like a client)")
 
 
 def _validate_algorithm(cfg: Config) -> None:

@@ -109,6 +109,11 @@ def resolve_resume(args: argparse.Namespace) -> tuple[Config, dict]:
         key = changed[0]
         raise ConfigError(key, ours.get(key), f"differs from the run being resumed ({theirs.get(key)!r} in {path}); "
                           "only rounds may change on --resume")
+    canaries = reference.audit.client_canaries
+    if canaries.count and canaries.repeats and cfg.rounds != reference.rounds:
+        raise ConfigError("rounds", cfg.rounds, f"cannot change on --resume with audit.client_canaries.repeats = "
+                          f"{canaries.repeats}: each canary's rounds are spread over the {reference.rounds} rounds "
+                          f"planned in {path} (repeats = 0 samples canaries round by round and can be extended)")
     used = {r["key"]: r for r in json.loads(info["attrs"].get("extensions", "[]"))}
     for record in extensions.records(cfg):
         before = used.get(record["key"], {})

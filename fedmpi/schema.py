@@ -230,6 +230,7 @@ class ClientCanaryConfig:
 
     count: int = 0  # canary clients (0: off), each inserted with probability 1/2; needs a client-level privacy.mode
     scale: float = 2.0  # a canary's update norm in units of the clip norm S (>= 1: clipped to exactly S)
+    repeats: int = 1  # rounds an inserted canary takes part in, spread over the run (0: sampled each round like a client)
 
 
 @dataclass(frozen=True)

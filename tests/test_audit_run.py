@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from conftest import REPO, run_job
 from fedmpi import audit
+from fedmpi.canaries import ClientCanaries, schedule
 from fedmpi.config import ConfigError, from_mapping
 from fedmpi.data import load as load_data
 from fedmpi.models import FlatModel, build_model, init_weights
@@ -58,6 +59,9 @@ def _initial_weights(f) -> np.ndarray:
     ({"privacy": {"mode": "client_local", "noise_multiplier": 1.0}, "transport": "reduce",
       "audit": {"client_canaries": {"count": 10}}}, "audit.client_canaries.count = 10", "transport = gather"),
     ({"audit": {"client_canaries": {"scale": 0.5}}}, "audit.client_canaries.scale = 0.5", ">= 1"),
+    ({"audit": {"client_canaries": {"repeats": -1}}}, "audit.client_canaries.repeats = -1", ">= 0"),
+    ({"rounds": 3, "privacy": {"mode": "client_central", "noise_multiplier": 1.0}, "clients": {"sampling": "poisson"},
+      "audit": {"client_canaries": {"count": 10, "repeats": 4}}}, "audit.client_canaries.repeats = 4", "<= rounds (3)"),
 ])
 def test_audit_config_is_validated(settings, key, fragment):
     with pytest.raises(ConfigError) as err:
@@ -183,7 +187,41 @@ def test_injected_bug_is_announced_and_recorded(tmp_path, monkeypatch):
 
 CENTRAL = ["--set", "privacy.mode=client_central", "--set", "privacy.noise_multiplier=1.0",
            "--set", "clients.sampling=poisson", "--set", "audit.client_canaries.count=300", "--set", "eval.every=3",
-           "--set", "output.checkpoint_every=1", "--quiet"]
+           "--set", "audit.client_canaries.repeats=0", "--set", "output.checkpoint_every=1", "--quiet"]
+
+
+def test_canary_schedule_presents_each_inserted_canary_exactly_repeats_times():
+    cfg = from_mapping({"rounds": 7, "privacy": {"mode": "client_central", "noise_multiplier": 1.0},
+                        "clients": {"sampling": "poisson"}, "audit": {"client_canaries": {"count": 200, "repeats": 3}}})
+    canaries = ClientCanaries(cfg, np.zeros(5, dtype=np.float32), np.array([10.0]))
+    taken = np.zeros((200, 7), dtype=np.int64)
+    for t in range(7):
+        taken[canaries.cohort(t), t] += 1
+    assert 70 < canaries.included.sum() < 130
+    # blocks [0, 2), [2, 4), [4, 7) of the 7 rounds: exactly one round in each, inserted canaries only
+    for lo, hi in ((0, 2), (2, 4), (4, 7)):
+        np.testing.assert_array_equal(taken[:, lo:hi].sum(axis=1), canaries.included.astype(np.int64))
+    # within a block of L rounds the 200 positions go to round i L // 200: 100 + 100, and 67 + 67 + 66 for L = 3
+    rounds = schedule(cfg.seed, 200, 3, 7)
+    assert np.bincount(rounds[:, 0], minlength=7).tolist() == [100, 100, 0, 0, 0, 0, 0]
+    assert np.bincount(rounds[:, 1], minlength=7).tolist() == [0, 0, 100, 100, 0, 0, 0]
+    assert np.bincount(rounds[:, 2], minlength=7).tolist() == [0, 0, 0, 0, 67, 67, 66]
+    assert rounds.tobytes() == schedule(cfg.seed, 200, 3, 7).tobytes() != schedule(cfg.seed + 1, 200, 3, 7).tobytes()
+
+
+def test_resume_cannot_stretch_a_canary_schedule(tmp_path):
+    proc = run_job(2, ["--set", "privacy.mode=client_central", "--set", "privacy.noise_multiplier=1.0", "--set",
+                       "clients.sampling=poisson", "--set", "rounds=1", "--set", "audit.client_canaries.count=10",
+                       "--out", "one.h5", "--quiet"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_job(2, ["--resume", "one.h5", "--set", "rounds=2", "--quiet"], tmp_path)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "rounds = 2: cannot change on --resume with audit.client_canaries.repeats = 1" in lines[0]
+    with open_results(tmp_path / "one.h5") as f:
+        a = _audit(f, "client_canaries")
+        assert a["repeats"] == 1 and f["rounds/round"].shape == (1,)
+        np.testing.assert_array_equal(a["participations"], a["included"].astype(np.int64))
 
 
 @pytest.fixture(scope="module")
