@@ -819,6 +819,7 @@ def bench_sharded(quick: bool = False) -> list[dict]:
                          + (" (rank-0 path)" if e["ranks"] == 1 else ""), e["cohort_at_1e6"], e["d_at_2000"], "rows / d",
                          float("nan"), "-", None, f"cohort {e['cohort_at_1e6']:,} at d = 1e6; d = {e['d_at_2000']:,} "
                          "at a cohort of 2,000"))
+    return rows
 
 
 def bench_state(quick: bool = False) -> list[dict]:
