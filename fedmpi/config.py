@@ -451,6 +451,10 @@ def _validate_devices(cfg: Config) -> None:
         for key, value in (("dropout", d.dropout), ("deadline", d.deadline)):
             _require(not value, f"devices.{key}", value, "drops updates from the round, which transport: sharded (every "
                      "rank aggregates its columns of the whole cohort) does not support; use transport: gather or reduce")
+        _require(not (d.stragglers and d.partial_work == "drop"), "devices.stragglers", d.stragglers,
+                 f"with devices.partial_work = drop (algorithm.name = {cfg.algorithm.name}'s default unless set) the "
+                 "stragglers' updates are dropped, which transport: sharded does not support; set devices.partial_work: "
+                 "use, or use transport: gather or reduce")
     _require(0 <= d.stragglers <= 1, "devices.stragglers", d.stragglers, "must be in [0, 1]")
     _unit_interval("devices.dropout", d.dropout)
     _at_least("devices.speed_sigma", d.speed_sigma, 0)

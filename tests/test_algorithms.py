@@ -34,6 +34,7 @@ TIMING = {"wall_s", "train_s", "comm_s", "aggregate_s", "eval_s"}
     (["algorithm.name=scaffold", "transport=reduce"], "transport: reduce never gathers"),
     (["algorithm.name=scaffold", "transport=sharded"], "transport: sharded never gathers"),
     (["transport=sharded", "devices.dropout=0.2"], "devices.dropout = 0.2: drops updates from the round"),
+    (["transport=sharded", "devices.stragglers=0.5"], "devices.stragglers = 0.5: with devices.partial_work = drop"),
     (["algorithm.name=scaffold", "privacy.mode=client_local", "privacy.noise_multiplier=1"], "reach the server unprotected"),
     (["algorithm.mu=0.5"], "only used with algorithm.name = fedprox (algorithm.name is fedavg)"),
     (["algorithm.name=fedprox", "algorithm.mu=-1"], "algorithm.mu = -1.0: must be >= 0"),
