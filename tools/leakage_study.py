@@ -224,12 +224,26 @@ def membership_client(results: Path) -> None:
     print(table(["z", "epsilon", "test acc", "member clients", "AUC", "TPR at 1% FPR", "advantage"], rows))
 
 
+def membership_large(results: Path) -> None:
+    """DP-SGD at epsilon 1 on about 900 audited examples (leakage_membership_dp_large.yaml), per seed."""
+    found = runs(results / "leakage-membership-dp-large")
+    if not found:
+        return
+    rows = []
+    for row, (_, leak, _) in zip(membership_rows(found), found):
+        rows.append([row["seed"], f"{row['epsilon']:.3f}", f"{row['accuracy']:.3f}", int(leak["membership"]["member"].sum()),
+                     " / ".join(f"{v:.3f}" for v in row["auc"]), " / ".join(f"{v:.3f}" for v in row["tpr1"]),
+                     " / ".join(f"{v:.3f}" for v in row["advantage"]), f"{math.expm1(row['epsilon']):.2f}"])
+    print("\nMembership at epsilon 1 on the larger audited set (loss threshold / LiRA offline / LiRA online):\n")
+    print(table(["seed", "epsilon", "test acc", "members", "AUC", "TPR at 1% FPR", "advantage", "e^eps - 1"], sorted(rows)))
+
+
 def run_time(results: Path) -> None:
     """Seconds each sweep's runs took (the sum of /run/wall_s, file creation to the end of each run)."""
     print("\nRun time per sweep (sum of /run/wall_s over its runs):\n")
     rows = []
     for name in ("leakage-methods", "leakage-noise", "leakage-batch", "leakage-steps", "leakage-membership",
-                 "leakage-membership-dp", "leakage-membership-client"):
+                 "leakage-membership-dp", "leakage-membership-dp-large", "leakage-membership-client"):
         found = runs(results / name)
         if found:
             total = 0.0
@@ -252,6 +266,7 @@ def main(argv: list | None = None) -> int:
     batch(results)
     steps(results)
     membership(results, images)
+    membership_large(results)
     membership_client(results)
     run_time(results)
     return 0
