@@ -357,7 +357,7 @@ class ServerLoop:
         updates.byzantine = np.isin(cohort, self.byzantine_ids)
         arrived = updates.arrived()
         if updates.rows is None:  # pre-summed or sharded: each row's check came with the records
-            for part in {id(updates): updates, id(arrived): arrived}.values():
+            for part in (updates,) if arrived is updates else (updates, arrived):
                 part.norms = part.record("update_norm")
                 part.finite = part.record("finite") > 0
             return updates, arrived
